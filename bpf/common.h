@@ -1,0 +1,165 @@
+// Shared by both backends: the event record and the readers of skb/sock/conntrack.
+// Offsets (OFF_*) are defines computed from BTF by tracer/probes/loader.py.
+#ifndef RST_TRACER_COMMON_H
+#define RST_TRACER_COMMON_H
+
+#define KIND_RST_SENT 1
+#define KIND_RST_RECEIVED 2
+#define KIND_SKB_DROPPED 3
+
+// wire/ABI constants, stable across kernels
+#define PROTO_TCP 6
+#define FAMILY_INET 2
+#define FAMILY_INET6 10
+
+// Layout mirrored by tracer/decode.py (RAW_EVENT); change both together.
+struct rst_event {
+    u64 ts_ns;          // bpf_ktime_get_ns()
+    u64 skb;
+    u64 sk;
+    u64 location;       // kfree_skb call site
+    u32 kind;
+    u32 reason;         // sk_rst_reason or skb_drop_reason, kernel numbering
+    u32 netns;          // inode of the network namespace
+    u32 ifindex;
+    u32 ct_status;      // nf_conn->status when the skb carried a conntrack reference
+    u32 pid;
+    u32 seq;
+    u32 ack;
+    u16 sport;
+    u16 dport;
+    u16 payload_len;
+    u16 window;
+    u8 family;          // 4 or 6, 0 when unknown
+    u8 tcp_flags;
+    u8 has_ct;          // skb->_nfct pointed at a conntrack entry
+    u8 ctinfo;          // low bits of skb->_nfct (enum ip_conntrack_info)
+    u8 sk_state;        // 0xff when no socket
+    u8 has_skb;
+    u8 pad[2];
+    u8 saddr[16];
+    u8 daddr[16];
+    char comm[16];
+};
+
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+// Events that found the ring buffer full: read by user space and reported in-band.
+BPF_PERCPU_ARRAY(lost_events, u64, 1);
+
+static __always_inline u64 rd64(u64 p) { u64 v = 0; bpf_probe_read_kernel(&v, 8, (void *)p); return v; }
+static __always_inline u32 rd32(u64 p) { u32 v = 0; bpf_probe_read_kernel(&v, 4, (void *)p); return v; }
+static __always_inline u16 rd16(u64 p) { u16 v = 0; bpf_probe_read_kernel(&v, 2, (void *)p); return v; }
+static __always_inline u8 rd8(u64 p) { u8 v = 0; bpf_probe_read_kernel(&v, 1, (void *)p); return v; }
+
+// Events are built on the stack (zeroed by the compiler) and copied into the ring buffer.
+static __always_inline void event_init(struct rst_event *e, u32 kind)
+{
+    e->kind = kind;
+    e->ts_ns = bpf_ktime_get_ns();
+    e->sk_state = 0xff;
+    e->pid = bpf_get_current_pid_tgid() >> 32;
+    bpf_get_current_comm(e->comm, sizeof(e->comm));
+}
+
+static __always_inline void event_submit(struct rst_event *e)
+{
+    if (events.ringbuf_output(e, sizeof(*e), 0) != 0) {
+        u32 zero = 0;
+        u64 *lost = lost_events.lookup(&zero);
+        if (lost)
+            (*lost)++;
+    }
+}
+
+static __always_inline u32 netns_of_net(u64 net)
+{
+    return net ? rd32(net + OFF_NET_NS_INUM) : 0;
+}
+
+static __always_inline int skb_is_tcp(u64 skb)
+{
+    u64 head = rd64(skb + OFF_SKB_HEAD);
+    u16 nh = rd16(skb + OFF_SKB_NETWORK_HEADER);
+    u8 first = rd8(head + nh);
+    if ((first >> 4) == 4)
+        return rd8(head + nh + offsetof(struct iphdr, protocol)) == PROTO_TCP;
+    if ((first >> 4) == 6)  // extension headers are not followed: TCP right after the header
+        return rd8(head + nh + offsetof(struct ipv6hdr, nexthdr)) == PROTO_TCP;
+    return 0;
+}
+
+static __always_inline void fill_from_skb(struct rst_event *e, u64 skb)
+{
+    u64 head = rd64(skb + OFF_SKB_HEAD);
+    u16 nh = rd16(skb + OFF_SKB_NETWORK_HEADER);
+    u16 th = rd16(skb + OFF_SKB_TRANSPORT_HEADER);
+    u8 first = rd8(head + nh);
+    u32 l3_payload = 0;
+    e->has_skb = 1;
+    if ((first >> 4) == 4) {
+        struct iphdr ip = {};
+        bpf_probe_read_kernel(&ip, sizeof(ip), (void *)(head + nh));
+        e->family = 4;
+        __builtin_memcpy(e->saddr, &ip.saddr, 4);
+        __builtin_memcpy(e->daddr, &ip.daddr, 4);
+        l3_payload = bpf_ntohs(ip.tot_len) - ip.ihl * 4;
+        // transport_header is not always set yet on the netfilter path: derive it
+        th = nh + ip.ihl * 4;
+    } else if ((first >> 4) == 6) {
+        struct ipv6hdr ip6 = {};
+        bpf_probe_read_kernel(&ip6, sizeof(ip6), (void *)(head + nh));
+        e->family = 6;
+        bpf_probe_read_kernel(e->saddr, 16, &ip6.saddr);
+        bpf_probe_read_kernel(e->daddr, 16, &ip6.daddr);
+        l3_payload = bpf_ntohs(ip6.payload_len);
+        th = nh + sizeof(struct ipv6hdr);
+    }
+    struct tcphdr tcp = {};
+    bpf_probe_read_kernel(&tcp, sizeof(tcp), (void *)(head + th));
+    e->sport = bpf_ntohs(tcp.source);
+    e->dport = bpf_ntohs(tcp.dest);
+    e->seq = bpf_ntohl(tcp.seq);
+    e->ack = bpf_ntohl(tcp.ack_seq);
+    e->window = bpf_ntohs(tcp.window);
+    e->tcp_flags = rd8(head + th + 13);
+    u32 doff = tcp.doff * 4;
+    e->payload_len = l3_payload > doff ? l3_payload - doff : 0;
+
+    u64 nfct = rd64(skb + OFF_SKB_NFCT);
+    u64 ct = nfct & ~7ULL;
+    e->ctinfo = nfct & 7;
+    if (ct) {
+        e->has_ct = 1;
+        e->ct_status = rd32(ct + OFF_NF_CONN_STATUS);
+    }
+    u64 dev = rd64(skb + OFF_SKB_DEV);
+    if (dev) {
+        e->ifindex = rd32(dev + OFF_NET_DEVICE_IFINDEX);
+        e->netns = netns_of_net(rd64(dev + OFF_NET_DEVICE_ND_NET));
+    }
+}
+
+// Socket side: the netns always; the tuple too when there is no segment to read it from.
+static __always_inline void fill_from_sock(struct rst_event *e, u64 sk, int tuple_from_sock)
+{
+    e->sk_state = rd8(sk + OFF_SOCK_SKC_STATE);
+    if (!e->netns)
+        e->netns = netns_of_net(rd64(sk + OFF_SOCK_SKC_NET));
+    if (!tuple_from_sock)
+        return;
+    u16 family = rd16(sk + OFF_SOCK_SKC_FAMILY);
+    // oriented as the RST travels for received resets: from the peer to us
+    if (family == FAMILY_INET) {
+        e->family = 4;
+        bpf_probe_read_kernel(e->saddr, 4, (void *)(sk + OFF_SOCK_SKC_DADDR));
+        bpf_probe_read_kernel(e->daddr, 4, (void *)(sk + OFF_SOCK_SKC_RCV_SADDR));
+    } else if (family == FAMILY_INET6) {
+        e->family = 6;
+        bpf_probe_read_kernel(e->saddr, 16, (void *)(sk + OFF_SOCK_SKC_V6_DADDR));
+        bpf_probe_read_kernel(e->daddr, 16, (void *)(sk + OFF_SOCK_SKC_V6_RCV_SADDR));
+    }
+    e->sport = bpf_ntohs(rd16(sk + OFF_SOCK_SKC_DPORT));
+    e->dport = rd16(sk + OFF_SOCK_SKC_NUM);
+}
+
+#endif

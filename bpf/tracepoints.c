@@ -1,0 +1,68 @@
+// rst-tracer, tracepoint backend: kernels without kprobes.
+//
+// Struct offsets and enum values come from the running kernel's BTF, passed by the
+// loader as -D defines (OFF_*, KIND_*, ...): the installed headers may belong to another
+// kernel, and BCC's automatic field rewriting would then read wrong memory silently.
+// Only uapi headers (stable wire formats) are included.
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/tcp.h>
+
+#include "common.h"
+
+// Drop reasons we attribute; everything else is filtered here so ordinary drops cost
+// nothing in user space. Index = enum skb_drop_reason value, filled by the loader.
+BPF_ARRAY(wanted_drop_reasons, u8, 256);
+
+RAW_TRACEPOINT_PROBE(tcp_send_reset)
+{
+    // (const struct sock *sk, const struct sk_buff *skb[, enum sk_rst_reason reason])
+    u64 sk = ctx->args[0], skb = ctx->args[1];
+    struct rst_event ev = {}, *e = &ev;
+    event_init(e, KIND_RST_SENT);
+#if TCP_SEND_RESET_ARITY >= 3
+    e->reason = ctx->args[2];
+#endif
+    e->sk = sk;
+    e->skb = skb;
+    // skb is the segment that drew the RST (NULL for an active reset from a socket)
+    if (skb)
+        fill_from_skb(e, skb);
+    if (sk)
+        fill_from_sock(e, sk, !skb);
+    event_submit(e);
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(tcp_receive_reset)
+{
+    // (struct sock *sk)
+    u64 sk = ctx->args[0];
+    struct rst_event ev = {}, *e = &ev;
+    event_init(e, KIND_RST_RECEIVED);
+    e->sk = sk;
+    fill_from_sock(e, sk, 1);
+    event_submit(e);
+    return 0;
+}
+
+RAW_TRACEPOINT_PROBE(kfree_skb)
+{
+    // (struct sk_buff *skb, void *location, enum skb_drop_reason reason[, struct sock *rx_sk])
+    u32 reason = ctx->args[2];
+    u32 idx = reason;
+    u8 *wanted = wanted_drop_reasons.lookup(&idx);
+    if (!wanted || !*wanted)
+        return 0;
+    u64 skb = ctx->args[0];
+    if (!skb_is_tcp(skb))
+        return 0;
+    struct rst_event ev = {}, *e = &ev;
+    event_init(e, KIND_SKB_DROPPED);
+    e->reason = reason;
+    e->skb = skb;
+    e->location = ctx->args[1];
+    fill_from_skb(e, skb);
+    event_submit(e);
+    return 0;
+}

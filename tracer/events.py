@@ -1,0 +1,165 @@
+"""Typed kernel events: what the probes saw, plus the context gathered at event time.
+
+This is the input of the attribution core and the unit of record/replay, so it is plain
+data (dataclasses of str/int/bool/dict) with a dict round trip.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+RST_SENT, RST_RECEIVED, SKB_DROPPED = "rst_sent", "rst_received", "skb_dropped"
+EVENT_KINDS = (RST_SENT, RST_RECEIVED, SKB_DROPPED)
+
+TCP_FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")
+FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
+
+# include/uapi/linux/netfilter/nf_conntrack_common.h: enum ip_conntrack_status bits
+IPS_SRC_NAT, IPS_DST_NAT, IPS_CONFIRMED, IPS_ASSURED, IPS_SEEN_REPLY = 1 << 4, 1 << 5, 1 << 3, 1 << 2, 1 << 1
+CT_STATUS_BITS = ("EXPECTED", "SEEN_REPLY", "ASSURED", "CONFIRMED", "SRC_NAT", "DST_NAT",
+                  "SEQ_ADJUST", "SRC_NAT_DONE", "DST_NAT_DONE", "DYING", "FIXED_TIMEOUT",
+                  "TEMPLATE", "UNTRACKED", "HELPER", "OFFLOAD", "HW_OFFLOAD")
+
+
+def flag_names(flags: int) -> list:
+    return [n for i, n in enumerate(TCP_FLAG_NAMES) if flags >> i & 1]
+
+
+def ct_status_names(status: int) -> list:
+    return [n for i, n in enumerate(CT_STATUS_BITS) if status >> i & 1]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    addr: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.addr}]:{self.port}" if ":" in self.addr else f"{self.addr}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Tuple:
+    """A TCP 4-tuple oriented as a packet travelled: src -> dst."""
+    src: Endpoint
+    dst: Endpoint
+
+    def reversed(self) -> "Tuple":
+        return Tuple(self.dst, self.src)
+
+    def endpoints(self) -> frozenset:
+        """Orientation-free key: both directions of a connection map to the same key."""
+        return frozenset((self.src, self.dst))
+
+    def __str__(self) -> str:
+        return f"{self.src} > {self.dst}"
+
+    def to_dict(self) -> dict:
+        return {"src": self.src.addr, "sport": self.src.port,
+                "dst": self.dst.addr, "dport": self.dst.port}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Tuple":
+        return cls(Endpoint(d["src"], int(d["sport"])), Endpoint(d["dst"], int(d["dport"])))
+
+
+@dataclass
+class ConntrackEntry:
+    """A conntrack entry as read over ctnetlink: original and reply tuples, status bits."""
+    orig: Tuple
+    reply: Tuple
+    status: int
+    tcp_state: str = ""
+    timeout: int = 0
+
+    @property
+    def nat(self) -> bool:
+        return bool(self.status & (IPS_SRC_NAT | IPS_DST_NAT))
+
+    def to_dict(self) -> dict:
+        return {"orig": self.orig.to_dict(), "reply": self.reply.to_dict(), "status": self.status,
+                "status_names": ct_status_names(self.status), "tcp_state": self.tcp_state,
+                "timeout": self.timeout}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ConntrackEntry":
+        return cls(Tuple.from_dict(d["orig"]), Tuple.from_dict(d["reply"]), int(d["status"]),
+                   d.get("tcp_state", ""), int(d.get("timeout", 0)))
+
+
+@dataclass
+class Context:
+    """Facts gathered from the kernel right after the event, in the event's netns."""
+    netns_name: str = ""
+    ifname: str = ""
+    conntrack: Optional[ConntrackEntry] = None   # entry whose reply tuple matched the segment
+    conntrack_looked_up: bool = False
+    ct_invalid_delta: Optional[int] = None       # conntrack `invalid` counter rise in that netns
+    ct_stats: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["conntrack"] = self.conntrack.to_dict() if self.conntrack else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Context":
+        d = dict(d)
+        ct = d.pop("conntrack", None)
+        known = {f.name for f in fields(cls)}
+        ctx = cls(**{k: v for k, v in d.items() if k in known})
+        ctx.conntrack = ConntrackEntry.from_dict(ct) if ct else None
+        return ctx
+
+
+@dataclass
+class KernelEvent:
+    kind: str                    # rst_sent | rst_received | skb_dropped
+    ts: float                    # wall clock, seconds since the epoch
+    ts_ns: int                   # kernel monotonic clock
+    netns: int                   # network namespace inode
+    ifindex: int
+    flow: Optional[Tuple]        # sent: peer > us (the segment that drew the RST); received:
+                                 # peer > us (the RST); dropped: as the packet travelled
+    family: int = 4
+    tcp_flags: int = 0
+    seq: int = 0
+    ack: int = 0
+    payload_len: int = 0
+    window: int = 0
+    has_skb: bool = False
+    has_ct: bool = False
+    ctinfo: int = 0
+    ct_status: int = 0
+    has_sock: bool = False
+    sk_state: str = ""
+    reason: str = ""             # kernel reason name without prefix, e.g. NO_SOCKET
+    reason_code: int = 0
+    location: str = ""           # kfree_skb call site symbol
+    probe: str = ""              # e.g. tcp:tcp_send_reset
+    pid: int = 0
+    comm: str = ""
+    context: Context = field(default_factory=Context)
+
+    @property
+    def is_syn(self) -> bool:
+        return bool(self.tcp_flags & SYN) and not self.tcp_flags & ACK
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["flow"] = self.flow.to_dict() if self.flow else None
+        d["context"] = self.context.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KernelEvent":
+        d = dict(d)
+        if d.get("kind") not in EVENT_KINDS:
+            raise ValueError(f"unknown event kind {d.get('kind')!r}")
+        flow = d.pop("flow", None)
+        ctx = d.pop("context", None) or {}
+        known = {f.name for f in fields(cls)}
+        ev = cls(flow=Tuple.from_dict(flow) if flow else None,
+                 **{k: v for k, v in d.items() if k in known and k != "flow"})
+        ev.context = Context.from_dict(ctx)
+        return ev

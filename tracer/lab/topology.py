@@ -1,0 +1,154 @@
+"""cli ("container") -> nat (router, MASQUERADE) -> srv, built only from namespaces it
+creates, with pyroute2. Every namespace is removed on exit, even on failure.
+
+    cli 10.200.1.2/c0 --- n1/10.200.1.1  nat  10.200.2.1/n2 --- s0/10.200.2.2 srv
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from pyroute2 import NetNS, netns
+
+CLI_ADDR, NAT_IN_ADDR, NAT_OUT_ADDR, SRV_ADDR = "10.200.1.2", "10.200.1.1", "10.200.2.1", "10.200.2.2"
+CLI_NET, SRV_NET = "10.200.1.0/24", "10.200.2.0/24"
+CLI6_ADDR, NAT6_IN_ADDR, NAT6_OUT_ADDR, SRV6_ADDR = "fd00:200:1::2", "fd00:200:1::1", "fd00:200:2::1", "fd00:200:2::2"
+
+
+class LabError(RuntimeError):
+    pass
+
+
+def run(cmd: list, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if check and p.returncode != 0:
+        raise LabError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip()}")
+    return p
+
+
+@dataclass
+class NatLab:
+    """A lab instance; names carry a random id so labs never collide with anything."""
+    masquerade_opts: tuple = ()
+    drop_invalid: bool = False
+    lab_id: str = field(default_factory=lambda: secrets.token_hex(3))
+    procs: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.cli, self.nat, self.srv = (f"rstlab-{self.lab_id}-{n}" for n in ("cli", "nat", "srv"))
+        self.namespaces = (self.cli, self.nat, self.srv)
+
+    # -- life cycle -------------------------------------------------------------------
+    def __enter__(self) -> "NatLab":
+        try:
+            self.up()
+        except BaseException:
+            self.down()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.down()
+
+    def up(self) -> None:
+        for ns in self.namespaces:
+            netns.create(ns)
+        with NetNS(self.nat) as nat:
+            nat.link("add", ifname="n1", kind="veth", peer={"ifname": "c0", "net_ns_fd": self.cli})
+            nat.link("add", ifname="n2", kind="veth", peer={"ifname": "s0", "net_ns_fd": self.srv})
+        self._addresses(self.cli, "c0", [(CLI_ADDR, 24), (CLI6_ADDR, 64)])
+        self._addresses(self.nat, "n1", [(NAT_IN_ADDR, 24), (NAT6_IN_ADDR, 64)])
+        self._addresses(self.nat, "n2", [(NAT_OUT_ADDR, 24), (NAT6_OUT_ADDR, 64)])
+        self._addresses(self.srv, "s0", [(SRV_ADDR, 24), (SRV6_ADDR, 64)])
+        with NetNS(self.cli) as cli:  # the only route anybody needs; no default routes
+            cli.route("add", dst=SRV_NET, gateway=NAT_IN_ADDR)
+            cli.route("add", dst="fd00:200:2::/64", gateway=NAT6_IN_ADDR, family=10)
+        self.sysctl(self.nat, "net.ipv4.ip_forward", 1)
+        self.sysctl(self.nat, "net.ipv6.conf.all.forwarding", 1)
+        # conntrack DESTROY events for entries created before a listener subscribed
+        self.sysctl(self.nat, "net.netfilter.nf_conntrack_events", 1, check=False)
+        for tool in ("iptables", "ip6tables"):
+            self.exec(self.nat, [tool, "-t", "nat", "-A", "POSTROUTING", "-o", "n2",
+                                 "-j", "MASQUERADE", *self.masquerade_opts])
+        if self.drop_invalid:
+            self.set_drop_invalid()
+        # offloads off so segments look like on the wire (no GSO super-segments)
+        for ns, dev in ((self.cli, "c0"), (self.nat, "n1"), (self.nat, "n2"), (self.srv, "s0")):
+            self.exec(ns, ["ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off"], check=False)
+        self._wait_carrier()
+
+    def _addresses(self, ns: str, dev: str, addrs: list) -> None:
+        with NetNS(ns) as ipr:
+            idx = ipr.link_lookup(ifname=dev)[0]
+            for addr, plen in addrs:
+                ipr.addr("add", index=idx, address=addr, prefixlen=plen,
+                         **({"flags": 0x02} if ":" in addr else {}))  # IFA_F_NODAD
+            ipr.link("set", index=idx, state="up")
+            lo = ipr.link_lookup(ifname="lo")[0]
+            ipr.link("set", index=lo, state="up")
+
+    def _wait_carrier(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        links = ((self.cli, "c0"), (self.nat, "n1"), (self.nat, "n2"), (self.srv, "s0"))
+        while True:
+            down = []
+            for ns, dev in links:
+                with NetNS(ns) as ipr:
+                    link = ipr.get_links(ifname=dev)[0]
+                    if link.get_attr("IFLA_OPERSTATE") != "UP":
+                        down.append(f"{ns}/{dev}")
+            if not down:
+                return
+            if time.monotonic() > deadline:
+                raise LabError("lab links never came up: " + ", ".join(down))
+            time.sleep(0.05)
+
+    def down(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                p.wait()
+        self.procs.clear()
+        for ns in self.namespaces:
+            try:
+                netns.remove(ns)
+            except OSError:
+                pass
+
+    # -- helpers ----------------------------------------------------------------------
+    def exec(self, ns: str, cmd: list, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        return run(["ip", "netns", "exec", ns, *cmd], check=check, **kw)
+
+    def sysctl(self, ns: str, key: str, value, check: bool = True) -> None:
+        self.exec(ns, ["sysctl", "-qw", f"{key}={value}"], check=check)
+
+    def set_drop_invalid(self) -> None:
+        """The incident-1 remedy: INVALID segments never reach the stack or get forwarded."""
+        for tool in ("iptables", "ip6tables"):
+            for chain in ("INPUT", "FORWARD"):
+                self.exec(self.nat, [tool, "-I", chain, "-m", "conntrack", "--ctstate", "INVALID",
+                                     "-j", "DROP"])
+
+    def spawn(self, ns: str, args: list, **kw) -> subprocess.Popen:
+        """A lab program (python -m tracer.lab.traffic ...) inside a namespace; killed on down()."""
+        cmd = ["ip", "netns", "exec", ns, sys.executable, "-u", "-m", "tracer.lab.traffic", *args]
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             cwd=_project_root(), **kw)
+        self.procs.append(p)
+        return p
+
+    def netns_inode(self, ns: str) -> int:
+        return os.stat(f"/run/netns/{ns}").st_ino
+
+
+def _project_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

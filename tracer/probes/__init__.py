@@ -1,0 +1,1 @@
+"""Kernel side: capability detection, BTF, BCC loading, probe backends."""

@@ -1,0 +1,155 @@
+"""A small reader of the kernel's BTF (/sys/kernel/btf/vmlinux).
+
+The running kernel's own type information is the only trustworthy source of struct
+offsets and enum values when the installed headers belong to another kernel: BCC would
+otherwise compile against the headers' layouts and read wrong fields silently.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
+
+# BTF kinds (include/uapi/linux/btf.h)
+INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT = range(1, 12)
+FUNC, FUNC_PROTO, VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = range(12, 20)
+_MODIFIERS = (TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG)
+# bytes that follow the 12-byte common header, per kind (fixed part, per-vlen part)
+_EXTRA = {INT: (4, 0), ARRAY: (12, 0), STRUCT: (0, 12), UNION: (0, 12), ENUM: (0, 8),
+          FUNC_PROTO: (0, 8), VAR: (4, 0), DATASEC: (0, 12), DECL_TAG: (4, 0), ENUM64: (0, 12)}
+
+
+class BTFError(Exception):
+    """The BTF blob is missing, malformed, or lacks a type we need."""
+
+
+@dataclass
+class _Type:
+    name: str
+    kind: int
+    size_or_type: int
+    members: list  # struct/union: (name, type_id, bit_offset); enum: (name, value); proto: (name, type_id)
+
+
+class BTF:
+    def __init__(self, path: str = VMLINUX_BTF):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise BTFError(f"cannot read BTF at {path}: {e.strerror}") from e
+        self._parse(data, path)
+
+    def _parse(self, d: bytes, path: str) -> None:
+        if len(d) < 24:
+            raise BTFError(f"{path}: too short for a BTF header")
+        magic, _ver, _flags, hlen, toff, tlen, soff, slen = struct.unpack_from("<HBBIIIII", d, 0)
+        if magic != 0xEB9F:
+            raise BTFError(f"{path}: bad BTF magic {magic:#x}")
+        self._strs = d[hlen + soff: hlen + soff + slen]
+        self.types: list = [None]
+        self._by_name: dict = {}
+        p, end = hlen + toff, hlen + toff + tlen
+        while p < end:
+            name_off, info, size = struct.unpack_from("<III", d, p)
+            p += 12
+            kind, vlen, kflag = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
+            members: list = []
+            if kind in (STRUCT, UNION):
+                for _ in range(vlen):
+                    mn, mt, mo = struct.unpack_from("<III", d, p)
+                    p += 12
+                    members.append((self._str(mn), mt, (mo & 0xFFFFFF) if kflag else mo))
+            elif kind == ENUM:
+                signed = kflag
+                for _ in range(vlen):
+                    en, ev = struct.unpack_from("<Ii" if signed else "<II", d, p)
+                    p += 8
+                    members.append((self._str(en), ev))
+            elif kind == ENUM64:
+                for _ in range(vlen):
+                    en, lo, hi = struct.unpack_from("<III", d, p)
+                    p += 12
+                    members.append((self._str(en), lo | hi << 32))
+            elif kind == FUNC_PROTO:
+                for _ in range(vlen):
+                    an, at = struct.unpack_from("<II", d, p)
+                    p += 8
+                    members.append((self._str(an), at))
+            else:
+                fixed, per = _EXTRA.get(kind, (0, 0))
+                p += fixed + per * vlen
+            t = _Type(self._str(name_off), kind, size, members)
+            self.types.append(t)
+            if t.name:
+                key = {STRUCT: "struct ", UNION: "union ", ENUM: "enum ", ENUM64: "enum ",
+                       TYPEDEF: "typedef "}.get(kind)
+                if key:
+                    self._by_name.setdefault(key + t.name, len(self.types) - 1)
+
+    def _str(self, off: int) -> str:
+        return self._strs[off:self._strs.index(b"\0", off)].decode()
+
+    def _resolve(self, tid: int) -> int:
+        while self.types[tid].kind in _MODIFIERS:
+            tid = self.types[tid].size_or_type
+        return tid
+
+    def _lookup(self, key: str) -> int:
+        try:
+            return self._by_name[key]
+        except KeyError:
+            raise BTFError(f"kernel BTF has no {key}") from None
+
+    def _member(self, tid: int, name: str):
+        """(bit offset, type id) of a member, descending into anonymous structs/unions."""
+        for mn, mt, mo in self.types[self._resolve(tid)].members:
+            if mn == name:
+                return mo, mt
+            if mn == "":
+                found = self._member(mt, name)
+                if found is not None:
+                    return mo + found[0], found[1]
+        return None
+
+    def has_struct(self, name: str) -> bool:
+        return "struct " + name in self._by_name
+
+    def offsetof(self, struct_name: str, path: str) -> int:
+        """Byte offset of a member; `path` may be dotted through named sub-structs
+        (e.g. offsetof("sock", "__sk_common.skc_net"))."""
+        tid, bits = self._lookup("struct " + struct_name), 0
+        for part in path.split("."):
+            found = self._member(tid, part)
+            if found is None:
+                raise BTFError(f"kernel BTF: struct {struct_name} has no member {path}")
+            bits += found[0]
+            tid = found[1]
+        if bits % 8:
+            raise BTFError(f"struct {struct_name}.{path} is a bitfield")
+        return bits // 8
+
+    def has_member(self, struct_name: str, path: str) -> bool:
+        try:
+            self.offsetof(struct_name, path)
+            return True
+        except BTFError:
+            return False
+
+    def enum(self, name: str) -> dict:
+        """{constant: value} of a kernel enum, e.g. enum("skb_drop_reason")."""
+        return dict(self.types[self._lookup("enum " + name)].members)
+
+    def has_enum(self, name: str) -> bool:
+        return "enum " + name in self._by_name
+
+    def tracepoint_arity(self, tracepoint: str) -> int:
+        """Number of arguments of a raw tracepoint, from its `btf_trace_<name>` typedef
+        (a pointer to a function whose first argument is the hidden context)."""
+        tid = self._resolve(self._lookup("typedef btf_trace_" + tracepoint))
+        ptr = self.types[tid]
+        proto = self.types[self._resolve(ptr.size_or_type)]
+        if proto.kind != FUNC_PROTO:
+            raise BTFError(f"btf_trace_{tracepoint} is not a function pointer")
+        return len(proto.members) - 1

@@ -1,0 +1,119 @@
+"""Compile and load the BPF C in bpf/ with BCC, with offsets taken from BTF.
+
+On a kernel whose headers are not installed, BCC still needs *a* header tree for its
+helper definitions: we point it at a merged copy of a Debian linux-headers package
+(common + arch, symlinked) and never let it compute struct layouts from those headers —
+every offset the C code uses is an OFF_* define read from the running kernel's BTF.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from .btf import BTF, BTFError
+from .capabilities import Capabilities
+
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+HEADER_CACHE = Path(os.environ.get("RST_TRACER_CACHE", "/var/cache/rst-tracer")) / "kernel-headers"
+
+# define name -> (struct, member path); resolved per kernel from BTF
+OFFSETS = {
+    "OFF_SKB_HEAD": ("sk_buff", "head"),
+    "OFF_SKB_NETWORK_HEADER": ("sk_buff", "network_header"),
+    "OFF_SKB_TRANSPORT_HEADER": ("sk_buff", "transport_header"),
+    "OFF_SKB_NFCT": ("sk_buff", "_nfct"),
+    "OFF_SKB_DEV": ("sk_buff", "dev"),
+    "OFF_NET_DEVICE_IFINDEX": ("net_device", "ifindex"),
+    "OFF_NET_DEVICE_ND_NET": ("net_device", "nd_net"),
+    "OFF_NET_NS_INUM": ("net", "ns.inum"),
+    "OFF_NF_CONN_STATUS": ("nf_conn", "status"),
+    "OFF_SOCK_SKC_NET": ("sock", "__sk_common.skc_net"),
+    "OFF_SOCK_SKC_STATE": ("sock", "__sk_common.skc_state"),
+    "OFF_SOCK_SKC_FAMILY": ("sock", "__sk_common.skc_family"),
+    "OFF_SOCK_SKC_DADDR": ("sock", "__sk_common.skc_daddr"),
+    "OFF_SOCK_SKC_RCV_SADDR": ("sock", "__sk_common.skc_rcv_saddr"),
+    "OFF_SOCK_SKC_DPORT": ("sock", "__sk_common.skc_dport"),
+    "OFF_SOCK_SKC_NUM": ("sock", "__sk_common.skc_num"),
+    "OFF_SOCK_SKC_V6_DADDR": ("sock", "__sk_common.skc_v6_daddr"),
+    "OFF_SOCK_SKC_V6_RCV_SADDR": ("sock", "__sk_common.skc_v6_rcv_saddr"),
+}
+RINGBUF_PAGES = 512  # 2 MiB: ~17k events of slack before anything is lost
+
+
+class LoadError(Exception):
+    """The BPF program could not be built or attached; the message is for the operator."""
+
+
+def kernel_defines(btf: BTF) -> dict:
+    """Every per-kernel value the C code needs, from BTF."""
+    try:
+        defines = {name: btf.offsetof(s, m) for name, (s, m) in OFFSETS.items()}
+        defines["TCP_SEND_RESET_ARITY"] = btf.tracepoint_arity("tcp_send_reset")
+    except BTFError as e:
+        raise LoadError(str(e)) from e
+    defines["RINGBUF_PAGES"] = RINGBUF_PAGES
+    return defines
+
+
+def header_tree(caps: Capabilities) -> str:
+    """Directory for BCC_KERNEL_SOURCE, or "" when the running kernel's headers exist."""
+    if caps.matching_headers:
+        return ""
+    if not caps.fallback_headers:
+        raise LoadError("no kernel headers: install linux-headers-amd64 (scripts/setup.sh does)")
+    arch_dir = Path(caps.fallback_headers[0])
+    common = Path(str(arch_dir)[: -len("-amd64")] + "-common")
+    merged = HEADER_CACHE / arch_dir.name
+    if (merged / ".complete").exists():
+        return str(merged)
+    tmp = merged.with_name(merged.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    # a symlink farm: common first, then the arch tree's generated files over it
+    for src in (common, arch_dir):
+        subprocess.run(["cp", "-as", "--remove-destination", f"{src}/.", str(tmp)], check=True)
+    (tmp / ".complete").write_text(f"{common}\n{arch_dir}\n")
+    shutil.rmtree(merged, ignore_errors=True)
+    tmp.rename(merged)
+    return str(merged)
+
+
+def import_bcc():
+    try:
+        import bcc  # noqa: F401  (Debian's python3-bpfcc)
+    except ImportError as e:
+        raise LoadError("BCC is not importable: install python3-bpfcc and use a venv made with "
+                        "--system-site-packages (scripts/setup.sh does)") from e
+    return bcc
+
+
+def expand_local_includes(source: str, seen=None) -> str:
+    """Inline `#include "x.h"` from bpf/: BCC rewrites map calls (events.ringbuf_output,
+    map.lookup) only in the main translation unit, not in included files."""
+    seen = set() if seen is None else seen
+    out = []
+    for line in (BPF_DIR / source).read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith('#include "') and stripped.endswith('"'):
+            name = stripped[len('#include "'):-1]
+            if name not in seen:
+                seen.add(name)
+                out.append(expand_local_includes(name, seen))
+            continue
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def compile_program(source: str, defines: dict, caps: Capabilities):
+    """Build and load bpf/<source>; BCC auto-attaches RAW_TRACEPOINT_PROBE/kprobe__ functions."""
+    bcc = import_bcc()
+    tree = header_tree(caps)
+    if tree:
+        os.environ["BCC_KERNEL_SOURCE"] = tree
+    cflags = [f"-D{k}={v}" for k, v in sorted(defines.items())]
+    try:
+        return bcc.BPF(text=expand_local_includes(source), cflags=cflags)
+    except Exception as e:  # BCC raises bare Exception for compile and attach failures
+        raise LoadError(f"loading bpf/{source} failed: {e}") from e
