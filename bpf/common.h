@@ -132,9 +132,12 @@ static __always_inline void fill_from_skb(struct rst_event *e, u64 skb)
         e->has_ct = 1;
         e->ct_status = rd32(ct + OFF_NF_CONN_STATUS);
     }
+    // skb_iif survives where the stack has reused skb->dev (TCP receive path)
+    e->ifindex = rd32(skb + OFF_SKB_SKB_IIF);
     u64 dev = rd64(skb + OFF_SKB_DEV);
     if (dev) {
-        e->ifindex = rd32(dev + OFF_NET_DEVICE_IFINDEX);
+        if (!e->ifindex)
+            e->ifindex = rd32(dev + OFF_NET_DEVICE_IFINDEX);
         e->netns = netns_of_net(rd64(dev + OFF_NET_DEVICE_ND_NET));
     }
 }

@@ -116,7 +116,8 @@ def decode(raw: bytes, names: KernelNames) -> KernelEvent:
         ct_status=ct_status,
         has_sock=bool(sk),
         sk_state=TCP_STATES[sk_state] if sk_state < len(TCP_STATES) else "",
-        reason=table.get(reason, str(reason)) if (reason or table) else "",
+        # tcp_receive_reset carries no reason
+        reason="" if kind_name == RST_RECEIVED else table.get(reason, str(reason)),
         reason_code=reason,
         location=names.resolve_symbol(location) if (location and names.resolve_symbol) else "",
         probe=PROBES[kind_name],

@@ -25,6 +25,7 @@ OFFSETS = {
     "OFF_SKB_TRANSPORT_HEADER": ("sk_buff", "transport_header"),
     "OFF_SKB_NFCT": ("sk_buff", "_nfct"),
     "OFF_SKB_DEV": ("sk_buff", "dev"),
+    "OFF_SKB_SKB_IIF": ("sk_buff", "skb_iif"),
     "OFF_NET_DEVICE_IFINDEX": ("net_device", "ifindex"),
     "OFF_NET_DEVICE_ND_NET": ("net_device", "nd_net"),
     "OFF_NET_NS_INUM": ("net", "ns.inum"),

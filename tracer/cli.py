@@ -1,0 +1,191 @@
+"""rst-tracer command line. Every operator error is one line on stderr and a non-zero
+exit (2 for bad usage, 1 for a host that cannot run the tracer), never a traceback."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import re
+import sys
+
+import click
+import structlog
+
+from . import __version__
+
+EXIT_USAGE, EXIT_FAILURE = 2, 1
+
+
+class Failure(Exception):
+    """A runtime condition the operator must fix; printed as one line, exit 1."""
+
+
+def configure_logging(verbose: bool) -> None:
+    structlog.configure(
+        processors=[structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso"),
+                    structlog.dev.ConsoleRenderer(colors=False)],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr))
+
+
+class NetnsParam(click.ParamType):
+    name = "NETNS"
+    _name_re = re.compile(r"^[A-Za-z0-9_.@-]{1,255}$")
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value.isdigit():
+            n = int(value)
+            if n <= 0 or n >= 1 << 32:
+                self.fail(f"{value!r} is not a namespace inode number", param, ctx)
+            return n
+        if not self._name_re.match(value):
+            self.fail(f"{value!r} is neither a namespace inode number nor a name", param, ctx)
+        return value
+
+
+class HostParam(click.ParamType):
+    name = "ADDRESS"
+
+    def convert(self, value, param, ctx):
+        try:
+            return ipaddress.ip_address(value)
+        except ValueError:
+            self.fail(f"{value!r} is not an IPv4 or IPv6 address", param, ctx)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rst-tracer")
+def cli():
+    """Explains why TCP connections are reset and SYNs vanish (conntrack, NAT, sockets).
+
+    \b
+    rst-tracer watch              live verdicts, one line each on a terminal
+    rst-tracer watch --json       JSON lines (schema v1, see README) for log shippers
+    rst-tracer doctor --json      what this kernel allows and which backend will run
+    rst-tracer replay FILE        re-run attribution on a recording, offline
+    """
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of human lines.")
+@click.option("-v", "--verbose", is_flag=True, help="Show evidence and full remedies.")
+@click.option("--netns", "netns", multiple=True, type=NetnsParam(),
+              help="Only this network namespace (inode or name as in `ip netns`); repeatable.")
+@click.option("--port", "ports", multiple=True, type=click.IntRange(1, 65535),
+              help="Only flows with this port on any side (inside or NATed); repeatable.")
+@click.option("--host", "hosts", multiple=True, type=HostParam(),
+              help="Only flows with this address on any side; repeatable.")
+@click.option("--backend", type=click.Choice(["auto", "tracepoint", "kprobe"]), default="auto",
+              show_default=True, help="Probe backend; auto picks the most precise one available.")
+@click.option("--record", "record_path", type=click.Path(dir_okay=False, writable=True),
+              help="Also write the raw events and their context to FILE (see `replay`).")
+@click.option("--duration", type=click.FloatRange(min=0), default=0,
+              help="Stop after this many seconds (0: until SIGINT/SIGTERM).")
+def watch(as_json, verbose, netns, ports, hosts, backend, record_path, duration):
+    """Attach the probes and print a verdict for every reset and conntrack drop.
+
+    \b
+    Examples:
+      rst-tracer watch
+      rst-tracer watch --json --port 6379
+      rst-tracer watch --netns 4026532246 --host 10.0.0.7 -v
+    """
+    configure_logging(verbose)
+    from .filters import VerdictFilter
+    from .probes import capabilities
+    from .sinks import HumanSink, JsonLinesSink
+
+    if not capabilities.is_privileged():
+        raise Failure("must run as root (or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN) to load BPF programs")
+    caps = capabilities.detect()
+    chosen, why = capabilities.choose_backend(caps, backend)
+    if not chosen:
+        raise Failure(f"no usable probe backend on kernel {caps.kernel_release}: {why}")
+    from .probes.btf import BTF, BTFError
+    from .probes.loader import LoadError
+    from .probes.tracepoint import TracepointBackend
+    from .watch import Watch
+
+    try:
+        btf = BTF()
+    except BTFError as e:
+        raise Failure(str(e)) from None
+    probe_backend = {"tracepoint": TracepointBackend}[chosen](caps, btf)
+    sink = JsonLinesSink() if as_json or not sys.stdout.isatty() else HumanSink(verbose=verbose)
+    try:
+        w = Watch(probe_backend, btf, [sink],
+                  VerdictFilter(netns=set(netns), ports=set(ports), hosts=set(hosts)), record_path)
+    except OSError as e:
+        raise Failure(f"cannot write recording {record_path}: {e.strerror}") from None
+    try:
+        w.run(duration)
+    except LoadError as e:
+        raise Failure(str(e)) from None
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(as_json):
+    """Report what this kernel allows and which probe backend will run."""
+    from .probes import capabilities
+
+    caps = capabilities.detect()
+    report = {"capabilities": caps.to_dict(), "backend": caps.backend or None,
+              "backend_why": caps.backend_why}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        c = report["capabilities"]
+        click.echo(f"kernel        {c['kernel_release']}")
+        click.echo(f"BTF           {'yes' if c['btf'] else 'no: ' + c['btf_error']}")
+        click.echo(f"tracepoints   " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in c["tracepoints"].items()))
+        click.echo(f"kprobes       {'yes' if c['kprobes'] else 'no'} ({c['kprobes_why']})")
+        click.echo(f"headers       {c['matching_headers'] or 'none for this kernel; fallback: ' + (', '.join(c['fallback_headers']) or 'none')}")
+        click.echo(f"privileged    {'yes' if c['privileged'] else 'no'}")
+        click.echo(f"backend       {caps.backend or 'NONE'} ({caps.backend_why})")
+    if not caps.backend:
+        sys.exit(EXIT_FAILURE)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of human lines.")
+@click.option("-v", "--verbose", is_flag=True, help="Show evidence and full remedies.")
+def replay(path, as_json, verbose):
+    """Re-run attribution on a recording (from `watch --record`), offline, without root.
+
+    A damaged file yields the verdicts of its good part, then a one-line error naming the
+    byte offset, and exit status 1.
+    """
+    from .attribution import Attributor
+    from .recording import RecordingError, read_recording
+    from .sinks import HumanSink, JsonLinesSink
+
+    sink = JsonLinesSink() if as_json or not sys.stdout.isatty() else HumanSink(verbose=verbose)
+    try:
+        header, events = read_recording(path)
+        attributor = Attributor(header.get("backend", "replay"), header.get("host"),
+                                id_prefix=header.get("id_prefix"))
+        for ev in events:
+            sink.emit(attributor.feed(ev).to_dict())
+    except RecordingError as e:
+        raise Failure(str(e)) from None
+
+
+def main(argv=None) -> None:
+    try:
+        cli.main(args=argv, prog_name="rst-tracer", standalone_mode=False)
+    except click.UsageError as e:  # includes BadParameter
+        click.echo(f"rst-tracer: error: {e.format_message()}", err=True)
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as e:
+        click.echo(f"rst-tracer: error: {e.format_message()}", err=True)
+        sys.exit(e.exit_code)
+    except Failure as e:
+        click.echo(f"rst-tracer: error: {e}", err=True)
+        sys.exit(EXIT_FAILURE)
+    except click.Abort:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)

@@ -1,0 +1,73 @@
+"""Runs the real tracer (`python -m tracer watch --json`) as a separate process around a lab
+scenario and collects its records: used by the demo, the integration tests and benchmarks."""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+from .topology import LabError, _project_root
+
+
+class TracerProcess:
+    def __init__(self, *extra_args: str, record: str = "", env: dict = None):
+        self.args = [sys.executable, "-m", "tracer", "watch", "--json", *extra_args]
+        if record:
+            self.args += ["--record", os.path.abspath(record)]
+        self.env = dict(os.environ, **(env or {}))
+        self.proc = None
+        self.records: list = []
+        self.attached: dict = {}
+        self.stderr = ""
+
+    def __enter__(self) -> "TracerProcess":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 60.0) -> dict:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, cwd=_project_root(), env=self.env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            r, _, _ = select.select([self.proc.stdout], [], [], 0.5)
+            if r:
+                line = self.proc.stdout.readline()
+                if not line:
+                    break
+                rec = json.loads(line)
+                self.records.append(rec)
+                if rec.get("type") == "status" and rec.get("state") == "attached":
+                    self.attached = rec
+                    return rec
+            elif self.proc.poll() is not None:
+                break
+        err = self.proc.stderr.read() if self.proc.poll() is not None else ""
+        self.stop()
+        raise LabError(f"tracer did not attach: {err.strip() or 'timeout'}")
+
+    def stop(self, settle: float = 0.3) -> list:
+        """SIGINT (a clean detach), then every record it printed."""
+        if self.proc is None:
+            return self.records
+        if self.proc.poll() is None:
+            time.sleep(settle)  # let the last events cross the ring buffer
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            out, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        self.stderr = err
+        self.records += [json.loads(line) for line in out.splitlines() if line.strip()]
+        self.proc = None
+        return self.records
+
+    def verdicts(self, cause: str = "") -> list:
+        return [r for r in self.records if r.get("type") == "verdict" and (not cause or r["cause"] == cause)]

@@ -1,0 +1,98 @@
+"""The verdict event schema (v1): the contract with every consumer of our output.
+
+Field names are stable within a major version; additions are backward compatible and
+bump nothing, renames or removals bump SCHEMA_VERSION. Documented in README.md.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+SCHEMA_VERSION = 1
+RECORD_TYPES = ("verdict", "loss", "status")
+DIRECTIONS = ("sent", "received", "dropped")
+CONFIDENCES = ("high", "medium", "low")
+
+
+class SchemaError(ValueError):
+    pass
+
+
+def iso_time(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Evidence:
+    key: str              # stable machine name, e.g. "segment_conntrack"
+    text: str             # one sentence for humans
+    value: object = None  # the observed value(s)
+
+
+@dataclass
+class Remedy:
+    text: str
+    commands: list = field(default_factory=list)
+
+
+@dataclass
+class Verdict:
+    id: str
+    ts: float
+    host: str
+    netns: int
+    netns_name: str
+    interface: str
+    direction: str
+    flow: Optional[dict]
+    packet: dict
+    nat: Optional[dict]
+    cause: str
+    summary: str
+    confidence: str
+    evidence: list
+    remedy: Remedy
+    backend: str
+    kernel: dict
+    related: Optional[dict] = None
+    process: Optional[dict] = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ts"] = iso_time(self.ts)
+        d["ts_unix"] = self.ts
+        return {"type": "verdict", "schema_version": SCHEMA_VERSION, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Verdict":
+        if d.get("type") != "verdict":
+            raise SchemaError(f"not a verdict record: type={d.get('type')!r}")
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise SchemaError(f"unsupported schema_version {d.get('schema_version')!r}")
+        d = dict(d)
+        d.pop("type")
+        d.pop("schema_version")
+        d.pop("ts")
+        d["ts"] = d.pop("ts_unix")
+        if d.get("direction") not in DIRECTIONS:
+            raise SchemaError(f"bad direction {d.get('direction')!r}")
+        if d.get("confidence") not in CONFIDENCES:
+            raise SchemaError(f"bad confidence {d.get('confidence')!r}")
+        try:
+            d["evidence"] = [Evidence(**e) for e in d["evidence"]]
+            d["remedy"] = Remedy(**d["remedy"])
+            return cls(**d)
+        except TypeError as e:
+            raise SchemaError(f"malformed verdict: {e}") from None
+
+
+def loss_record(ts: float, host: str, source: str, lost: int, total: int) -> dict:
+    """In-band report that events were lost (never silently)."""
+    return {"type": "loss", "schema_version": SCHEMA_VERSION, "ts": iso_time(ts), "ts_unix": ts,
+            "host": host, "source": source, "lost": lost, "lost_total": total}
+
+
+def status_record(ts: float, host: str, state: str, **details) -> dict:
+    return {"type": "status", "schema_version": SCHEMA_VERSION, "ts": iso_time(ts), "ts_unix": ts,
+            "host": host, "state": state, **details}

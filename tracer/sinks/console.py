@@ -1,0 +1,68 @@
+"""Terminal output: one human line per verdict on a TTY, JSON lines otherwise."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+class Sink:
+    def emit(self, record: dict) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def _tuple(t: dict) -> str:
+    def ep(a, p):
+        return f"[{a}]:{p}" if ":" in a else f"{a}:{p}"
+    return f"{ep(t['src'], t['sport'])} > {ep(t['dst'], t['dport'])}"
+
+
+def format_human(record: dict, verbose: bool = False) -> str:
+    kind = record.get("type")
+    if kind == "loss":
+        return f"{record['ts'][11:23]} LOST {record['lost']} events ({record['source']}; {record['lost_total']} in total)"
+    if kind == "status":
+        extra = " ".join(f"{k}={v}" for k, v in record.items()
+                         if k not in ("type", "schema_version", "ts", "ts_unix", "host", "state"))
+        return f"{record['ts'][11:23]} {record['state'].upper()} {extra}"
+    where = record.get("netns_name") or str(record.get("netns"))
+    if record.get("interface"):
+        where += f"/{record['interface']}"
+    line = (f"{record['ts'][11:23]} {record['cause']} [{record['confidence']}] {record['direction']} "
+            f"{where} {_tuple(record['flow']) if record.get('flow') else '-'}")
+    nat = record.get("nat")
+    if nat:
+        line += f" (inside {_tuple(nat['inside'])}, NATed {_tuple(nat['outside'])})"
+    line += f" — {record['summary']}"
+    remedy = record.get("remedy") or {}
+    if remedy.get("commands"):
+        line += f" — fix: {remedy['commands'][0]}"
+    if verbose:
+        for ev in record.get("evidence", []):
+            line += f"\n    · {ev['text']}"
+        if remedy.get("text"):
+            line += f"\n    remedy: {remedy['text']}"
+        for cmd in remedy.get("commands", [])[1:]:
+            line += f"\n      {cmd}"
+    return line
+
+
+class JsonLinesSink(Sink):
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stdout
+
+    def emit(self, record: dict) -> None:
+        self.stream.write(json.dumps(record, separators=(",", ":"), default=str) + "\n")
+        self.stream.flush()
+
+
+class HumanSink(Sink):
+    def __init__(self, stream=None, verbose: bool = False):
+        self.stream = stream or sys.stdout
+        self.verbose = verbose
+
+    def emit(self, record: dict) -> None:
+        self.stream.write(format_human(record, self.verbose) + "\n")
+        self.stream.flush()

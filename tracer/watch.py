@@ -1,0 +1,109 @@
+"""The live loop: probes -> decode -> context -> attribution -> sinks, one direction."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import structlog
+
+from .attribution import Attributor
+from .context import ContextGatherer
+from .decode import DecodeError, KernelNames, decode
+from .filters import VerdictFilter
+from .recording import Recorder
+from .schema import loss_record, status_record
+
+log = structlog.get_logger("rst-tracer")
+LOSS_CHECK_INTERVAL = 0.5
+
+
+def process_age() -> float:
+    """Seconds since this process started (from /proc, so it includes interpreter start)."""
+    with open("/proc/self/stat") as f:
+        start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/uptime") as f:
+        uptime = float(f.read().split()[0])
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
+class Watch:
+    def __init__(self, backend, btf, sinks: list, vfilter: VerdictFilter, record_path: str = "",
+                 host: str = ""):
+        self.backend = backend
+        self.host = host or socket.gethostname()
+        self.names = KernelNames.from_kernel(btf)
+        self.gatherer = ContextGatherer()
+        self.attributor = Attributor(backend.name, self.host)
+        self.sinks, self.filter = sinks, vfilter
+        # the recording carries the verdict id prefix so replay reproduces the ids too
+        self.recorder = Recorder(record_path, backend.name, self.attributor.id_prefix) \
+            if record_path else None
+        self.stopping = False
+        self.verdicts = 0
+        self.decode_errors = 0
+        self._lost_reported = 0
+        self._decode_reported = 0
+
+    def emit(self, record: dict) -> None:
+        for sink in self.sinks:
+            sink.emit(record)
+
+    def on_raw(self, raw: bytes) -> None:
+        try:
+            ev = decode(raw, self.names)
+        except DecodeError as e:
+            self.decode_errors += 1
+            log.warning("undecodable kernel event", error=str(e))
+            return
+        self.gatherer.enrich(ev)
+        if self.recorder is not None:
+            self.recorder.write(ev)
+        record = self.attributor.feed(ev).to_dict()
+        self.verdicts += 1
+        if self.filter.matches(record):
+            self.emit(record)
+
+    def report_losses(self) -> None:
+        now = time.time()
+        lost = self.backend.lost()
+        if lost > self._lost_reported:
+            self.emit(loss_record(now, self.host, "kernel_ringbuf", lost - self._lost_reported, lost))
+            self._lost_reported = lost
+        if self.decode_errors > self._decode_reported:
+            self.emit(loss_record(now, self.host, "decode", self.decode_errors - self._decode_reported,
+                                  self.decode_errors))
+            self._decode_reported = self.decode_errors
+
+    def stop(self, *_):
+        self.stopping = True
+
+    def run(self, duration: float = 0.0) -> int:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.stop)
+        self.backend.attach()
+        try:
+            self.backend.open(self.on_raw)
+            self.gatherer.start()
+            self.emit(status_record(time.time(), self.host, "attached", backend=self.backend.name,
+                                    probes=self.backend.probes(),
+                                    attach_s=round(self.backend.attach_seconds, 3),
+                                    since_process_start_s=round(process_age(), 3)))
+            deadline = time.monotonic() + duration if duration else None
+            next_loss_check = 0.0
+            while not self.stopping and (deadline is None or time.monotonic() < deadline):
+                self.backend.poll(200)
+                if time.monotonic() >= next_loss_check:
+                    self.report_losses()
+                    next_loss_check = time.monotonic() + LOSS_CHECK_INTERVAL
+            self.backend.poll(0)  # drain what is already queued
+            self.report_losses()
+        finally:
+            self.backend.detach()
+            self.gatherer.close()
+            if self.recorder is not None:
+                self.recorder.close()
+        self.emit(status_record(time.time(), self.host, "detached", verdicts=self.verdicts,
+                                lost_total=self._lost_reported))
+        return 0
