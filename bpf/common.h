@@ -6,6 +6,7 @@
 #define KIND_RST_SENT 1
 #define KIND_RST_RECEIVED 2
 #define KIND_SKB_DROPPED 3
+#define KIND_MASQ_NOTIFIER 4
 
 // wire/ABI constants, stable across kernels
 #define PROTO_TCP 6
@@ -40,6 +41,16 @@ struct rst_event {
     u8 saddr[16];
     u8 daddr[16];
     char comm[16];
+    u64 notifier_cb;    // masquerade notifier that ran
+    // the skb's conntrack entry: original and reply tuples (ports in host order)
+    u8 ct_orig_saddr[16];
+    u8 ct_orig_daddr[16];
+    u8 ct_reply_saddr[16];
+    u8 ct_reply_daddr[16];
+    u16 ct_orig_sport;
+    u16 ct_orig_dport;
+    u16 ct_reply_sport;
+    u16 ct_reply_dport;
 };
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
@@ -88,6 +99,20 @@ static __always_inline int skb_is_tcp(u64 skb)
     return 0;
 }
 
+static __always_inline void read_ct_tuples(struct rst_event *e, u64 ct)
+{
+    u64 orig = ct + OFF_NF_CONN_TUPLEHASH + OFF_TUPLE_HASH_TUPLE;
+    u64 reply = orig + SIZEOF_TUPLE_HASH;
+    bpf_probe_read_kernel(e->ct_orig_saddr, 16, (void *)(orig + OFF_TUPLE_SRC_U3));
+    bpf_probe_read_kernel(e->ct_orig_daddr, 16, (void *)(orig + OFF_TUPLE_DST_U3));
+    e->ct_orig_sport = bpf_ntohs(rd16(orig + OFF_TUPLE_SRC_PORT));
+    e->ct_orig_dport = bpf_ntohs(rd16(orig + OFF_TUPLE_DST_PORT));
+    bpf_probe_read_kernel(e->ct_reply_saddr, 16, (void *)(reply + OFF_TUPLE_SRC_U3));
+    bpf_probe_read_kernel(e->ct_reply_daddr, 16, (void *)(reply + OFF_TUPLE_DST_U3));
+    e->ct_reply_sport = bpf_ntohs(rd16(reply + OFF_TUPLE_SRC_PORT));
+    e->ct_reply_dport = bpf_ntohs(rd16(reply + OFF_TUPLE_DST_PORT));
+}
+
 static __always_inline void fill_from_skb(struct rst_event *e, u64 skb)
 {
     u64 head = rd64(skb + OFF_SKB_HEAD);
@@ -131,6 +156,7 @@ static __always_inline void fill_from_skb(struct rst_event *e, u64 skb)
     if (ct) {
         e->has_ct = 1;
         e->ct_status = rd32(ct + OFF_NF_CONN_STATUS);
+        read_ct_tuples(e, ct);
     }
     // skb_iif survives where the stack has reused skb->dev (TCP receive path)
     e->ifindex = rd32(skb + OFF_SKB_SKB_IIF);

@@ -66,3 +66,32 @@ RAW_TRACEPOINT_PROBE(kfree_skb)
     event_submit(e);
     return 0;
 }
+
+// Addresses of the masquerade notifiers (masq_inet_event, masq_inet6_event,
+// masq_device_event): index 0..2, 0 when unknown. Filled (and refreshed, since nf_nat
+// may be a module loaded later) by the loader from kallsyms.
+BPF_ARRAY(masq_notifiers, u64, 3);
+
+RAW_TRACEPOINT_PROBE(notifier_run)
+{
+    // (void *cb): every notifier callback of every chain runs through here: filter first
+    u64 cb = ctx->args[0];
+    int hit = 0;
+#pragma unroll
+    for (u32 i = 0; i < 3; i++) {
+        u32 idx = i;
+        u64 *addr = masq_notifiers.lookup(&idx);
+        if (addr && *addr && *addr == cb)
+            hit = 1;
+    }
+    if (!hit)
+        return 0;
+    struct rst_event ev = {}, *e = &ev;
+    event_init(e, KIND_MASQ_NOTIFIER);
+    e->notifier_cb = cb;
+    // address and device notifiers run in the context of the task that changed the address
+    u64 task = bpf_get_current_task();
+    e->netns = netns_of_net(rd64(rd64(task + OFF_TASK_NSPROXY) + OFF_NSPROXY_NET_NS));
+    event_submit(e);
+    return 0;
+}

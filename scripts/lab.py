@@ -16,6 +16,7 @@ import click  # noqa: E402
 from tracer.lab import scenarios  # noqa: E402
 from tracer.lab.harness import TracerProcess  # noqa: E402
 from tracer.lab.topology import LabError, NatLab  # noqa: E402
+from tracer.recording import keep_only  # noqa: E402
 from tracer.sinks.console import format_human  # noqa: E402
 
 
@@ -48,12 +49,15 @@ def run(scenario, drop_invalid, random_fully, trace, record, as_json):
         with NatLab(masquerade_opts=("--random-fully",) if random_fully else (),
                     drop_invalid=drop_invalid) as lab:
             outcome = scenarios.SCENARIOS[scenario](lab)
+            mine = {lab.netns_inode(ns) for ns in lab.namespaces}
     except LabError as e:
         raise click.ClickException(str(e))
     finally:
         if tracer:
             tracer.stop()
     click.echo(json.dumps({"scenario": outcome.name, "facts": outcome.facts}))
+    if record:  # only this lab's events: other namespaces of the host are not the scenario
+        keep_only(record, lambda ev: ev.netns in mine)
     if tracer:
         for rec in tracer.records:
             click.echo(json.dumps(rec) if as_json else format_human(rec))

@@ -168,7 +168,9 @@ def replay(path, as_json, verbose):
         attributor = Attributor(header.get("backend", "replay"), header.get("host"),
                                 id_prefix=header.get("id_prefix"))
         for ev in events:
-            sink.emit(attributor.feed(ev).to_dict())
+            verdict = attributor.feed(ev)
+            if verdict is not None:
+                sink.emit(verdict.to_dict())
     except RecordingError as e:
         raise Failure(str(e)) from None
 

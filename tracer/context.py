@@ -1,30 +1,51 @@
-"""Context gathered right after a kernel event, in the event's own network namespace:
-netns and interface names, the conntrack entry a segment belonged to, conntrack counters.
+"""Context gathered right after a kernel event, in the event's own network namespace and
+in the namespaces around it: netns and interface names, the conntrack entry a segment
+belonged to, conntrack counters, NAT rules; and the netlink monitors that report conntrack
+deletions and address/link changes in every namespace.
 
 This is the only stage besides the probes that talks to the kernel. What it finds is
-stored on the event (KernelEvent.context), so recording the events keeps everything the
-attribution needs and replay reproduces live verdicts exactly.
+stored on the events, so a recording keeps everything the attribution needs and replay
+reproduces live verdicts exactly.
 """
 from __future__ import annotations
 
 import glob
 import os
+import select
 import socket
+import struct
+import subprocess
 import time
 
 import structlog
 from pyroute2 import Conntrack, NetNS
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, nfct_msg
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
+from pyroute2.netns import create_socket, popns, pushns
 
-from .events import RST_SENT, ConntrackEntry, Endpoint, KernelEvent, Tuple
+from .events import (ADDR_REMOVED, CT_DESTROY, IPS_DST_NAT, IPS_SRC_NAT, LINK_DOWN, RST_SENT,
+                     SKB_DROPPED, ConntrackEntry, Endpoint, KernelEvent, Tuple)
 
 log = structlog.get_logger("rst-tracer.context")
 
 # enum tcp_conntrack (include/uapi/linux/netfilter/nf_conntrack_tcp.h)
 CT_TCP_STATES = ("NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
                  "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2")
-RESCAN_INTERVAL = 1.0
+SCAN_INTERVAL = 1.0
+STATS_KEYS = ("invalid", "insert_failed", "drop", "early_drop")
+SYSCTLS = ("nf_conntrack_tcp_timeout_established", "nf_conntrack_tcp_be_liberal",
+           "nf_conntrack_tcp_loose", "nf_conntrack_max")
+# cross-namespace NAT lookups cost one ctnetlink GET per namespace: cap them per second
+ELSEWHERE_LOOKUPS_PER_S = 50
+
+NETLINK_ROUTE, NETLINK_NETFILTER = 0, 12
+NFNLGRP_CONNTRACK_DESTROY = 3
+RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
+RTM_NEWLINK, RTM_DELLINK, RTM_DELADDR = 16, 17, 21
+IPCTNL_MSG_CT_DELETE = 2
+IFF_UP = 0x1
 
 
 class NetnsDirectory:
@@ -32,9 +53,12 @@ class NetnsDirectory:
 
     def __init__(self):
         self._paths: dict = {}
-        self._names: dict = {}
+        self._names: dict = {}    # kept after a namespace goes: late events still get names
         self._last_scan = 0.0
-        self.root_inode = self._inode("/proc/1/ns/net")
+        # our own namespace through a descriptor we hold: /proc/1 may not be openable
+        self._own_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
+        self.own_inode = os.fstat(self._own_fd).st_ino
+        self.root_inode = self._inode("/proc/1/ns/net") or self.own_inode
         self.scan()
 
     @staticmethod
@@ -45,19 +69,23 @@ class NetnsDirectory:
             return 0
 
     def scan(self) -> None:
+        """Rebuild the map: namespaces that vanished are forgotten (so that their sockets
+        are closed and the kernel can free them)."""
         self._last_scan = time.monotonic()
+        paths = {self.own_inode: f"/proc/self/fd/{self._own_fd}"}
         for path in glob.glob("/run/netns/*"):
             ino = self._inode(path)
             if ino:
-                self._paths[ino] = path
+                paths[ino] = path
                 self._names[ino] = os.path.basename(path)
         for path in glob.glob("/proc/[0-9]*/ns/net"):
             ino = self._inode(path)
-            if ino and ino not in self._paths:
-                self._paths[ino] = path
-        if self.root_inode:
-            self._paths[self.root_inode] = "/proc/1/ns/net"
-            self._names[self.root_inode] = "host"
+            if ino and ino not in paths:
+                paths[ino] = path
+        self._names[self.root_inode] = "host"
+        if len(self._names) > 4096:   # forget names of long-gone namespaces
+            self._names = {i: n for i, n in self._names.items() if i in paths}
+        self._paths = paths
 
     def _ensure(self, inode: int) -> None:
         if inode not in self._paths and time.monotonic() - self._last_scan > 0.05:
@@ -68,7 +96,8 @@ class NetnsDirectory:
         return self._paths.get(inode, "")
 
     def name(self, inode: int) -> str:
-        self._ensure(inode)
+        if inode not in self._names:
+            self._ensure(inode)
         return self._names.get(inode, "")
 
     def known(self) -> list:
@@ -80,8 +109,8 @@ def _tuple_from_nl(msg) -> Tuple:
     proto = msg.get_attr("CTA_TUPLE_PROTO")
     src = ip.get_attr("CTA_IP_V4_SRC") or ip.get_attr("CTA_IP_V6_SRC")
     dst = ip.get_attr("CTA_IP_V4_DST") or ip.get_attr("CTA_IP_V6_DST")
-    return Tuple(Endpoint(src, proto.get_attr("CTA_PROTO_SRC_PORT")),
-                 Endpoint(dst, proto.get_attr("CTA_PROTO_DST_PORT")))
+    return Tuple(Endpoint(src, proto.get_attr("CTA_PROTO_SRC_PORT") or 0),
+                 Endpoint(dst, proto.get_attr("CTA_PROTO_DST_PORT") or 0))
 
 
 def entry_from_netlink(msg) -> ConntrackEntry:
@@ -97,25 +126,87 @@ def entry_from_netlink(msg) -> ConntrackEntry:
                           timeout=msg.get_attr("CTA_TIMEOUT") or 0)
 
 
+def _is_tcp(msg) -> bool:
+    orig = msg.get_attr("CTA_TUPLE_ORIG")
+    proto = orig.get_attr("CTA_TUPLE_PROTO") if orig else None
+    return bool(proto) and proto.get_attr("CTA_PROTO_NUM") == 6
+
+
+def in_netns(path: str, fn):
+    """Run fn() with this thread inside the namespace at `path` (for /proc/sys/net and
+    tools that only look at their own namespace)."""
+    pushns(path)
+    try:
+        return fn()
+    finally:
+        popns()
+
+
+def read_sysctls(path: str) -> dict:
+    def read():
+        out = {}
+        for key in SYSCTLS:
+            try:
+                with open(f"/proc/sys/net/netfilter/{key}") as f:
+                    out[key] = int(f.read().split()[0])
+            except (OSError, ValueError):
+                pass
+        return out
+    return in_netns(path, read)
+
+
+def read_nat_rules(path: str) -> dict:
+    """MASQUERADE/SNAT rules of the namespace and whether they all randomise fully
+    (iptables, legacy or nft flavour; the tool prints its own namespace's rules)."""
+    rules = []
+    for tool in ("iptables-save", "ip6tables-save"):
+        try:
+            p = subprocess.run(["nsenter", f"--net={path}", tool, "-t", "nat"], capture_output=True,
+                               text=True, timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        rules += [line for line in p.stdout.splitlines()
+                  if line.startswith("-A") and ("-j MASQUERADE" in line or "-j SNAT" in line)]
+    return {"rules": rules, "random_fully": bool(rules) and all("--random-fully" in r for r in rules)}
+
+
 class NetnsHandles:
-    """Per-namespace netlink sockets (conntrack, rtnetlink), opened once and kept."""
+    """Per-namespace ctnetlink query sockets, opened once, closed when the namespace goes."""
 
     def __init__(self, directory: NetnsDirectory):
         self.dir = directory
         self._ct: dict = {}
         self._links: dict = {}
-        self._invalid_seen: dict = {}   # netns -> conntrack `invalid` at the last look
+        self._stats_seen: dict = {}   # netns -> {stat: value at the last look}
+        self._rules: dict = {}        # netns -> (time, nat rules)
 
     def conntrack(self, inode: int):
         if inode not in self._ct:
             path = self.dir.path(inode)
             if not path:
                 return None
-            family_sockets = {}
-            for fam in (socket.AF_INET, socket.AF_INET6):
-                family_sockets[fam] = Conntrack(nfgen_family=fam, netns=path, flags=0)
-            self._ct[inode] = family_sockets
+            socks = {fam: Conntrack(nfgen_family=fam, netns=path, flags=0)
+                     for fam in (socket.AF_INET, socket.AF_INET6)}
+            try:
+                socks[socket.AF_INET].count()   # sockets open lazily: fail here, not later
+            except OSError as e:  # the process whose /proc path named the namespace exited
+                log.debug("namespace not reachable", netns=inode, path=path, error=str(e))
+                for s in socks.values():
+                    s.close()
+                self.dir.scan()
+                return None
+            self._ct[inode] = socks
         return self._ct[inode]
+
+    def prune(self, alive: set) -> None:
+        for inode in [i for i in self._ct if i not in alive]:
+            for s in self._ct.pop(inode).values():
+                s.close()
+            self._stats_seen.pop(inode, None)
+            self._rules.pop(inode, None)
+
+    def opened(self) -> list:
+        return list(self._ct)
 
     def ifname(self, inode: int, ifindex: int) -> str:
         key = (inode, ifindex)
@@ -133,7 +224,7 @@ class NetnsHandles:
         return self._links.get(key, "")
 
     def lookup_by_reply(self, inode: int, seg: Tuple, family: int):
-        """The entry whose reply tuple is exactly this segment's tuple, if any."""
+        """The entry whose reply tuple is exactly `seg`, if any."""
         socks = self.conntrack(inode)
         if not socks:
             return None
@@ -143,68 +234,236 @@ class NetnsHandles:
         try:
             msg = socks[fam].entry("get", tuple_reply=want)
         except NetlinkError as e:
-            if e.code != 2:  # ENOENT: no such entry, the common answer
+            if e.code not in (2, 22):  # ENOENT: no such entry, the common answer
                 log.warning("conntrack lookup failed", netns=inode, error=str(e))
             return None
         return entry_from_netlink(msg) if msg else None
 
-    def invalid_counter(self, inode: int):
+    def stats(self, inode: int):
         socks = self.conntrack(inode)
         if not socks:
             return None
         try:
-            return sum(cpu.get("invalid", 0) for cpu in socks[socket.AF_INET].stat())
+            per_cpu = socks[socket.AF_INET].stat()
+            count = socks[socket.AF_INET].count()
         except NetlinkError:
             return None
+        totals = {k: sum(cpu.get(k, 0) for cpu in per_cpu) for k in STATS_KEYS}
+        totals["count"] = count
+        return totals
 
-    def invalid_delta(self, inode: int):
-        """Rise of the conntrack `invalid` counter since the previous look (or since the
-        namespace was first seen: its counters started at zero when it was created)."""
-        now = self.invalid_counter(inode)
+    def stats_delta(self, inode: int):
+        """(rise of each counter since the previous look — or since the namespace was
+        first seen, its counters having started at zero — , entries in the table)."""
+        now = self.stats(inode)
         if now is None:
-            return None
-        before = self._invalid_seen.get(inode, 0)
-        self._invalid_seen[inode] = now
-        return now - before
+            return {}, None
+        before = self._stats_seen.get(inode, {})
+        self._stats_seen[inode] = now
+        return {k: now[k] - before.get(k, 0) for k in STATS_KEYS}, now["count"]
 
     def baseline(self) -> None:
         """Counters of every namespace that exists at start: deltas are from now on."""
         for inode in self.dir.known():
-            value = self.invalid_counter(inode)
-            if value is not None:
-                self._invalid_seen[inode] = value
+            now = self.stats(inode)
+            if now is not None:
+                self._stats_seen[inode] = now
+
+    def nat_rules(self, inode: int) -> dict:
+        cached = self._rules.get(inode)
+        if cached and time.monotonic() - cached[0] < 10:
+            return cached[1]
+        path = self.dir.path(inode)
+        rules = read_nat_rules(path) if path else {}
+        self._rules[inode] = (time.monotonic(), rules)
+        return rules
 
     def close(self) -> None:
-        for socks in self._ct.values():
-            for s in socks.values():
+        self.prune(set())
+
+
+class NetlinkMonitor:
+    """Subscribes, in every namespace, to conntrack DESTROY events and to address and
+    link changes: the deletions that later explain a reset, and what triggered them.
+    Only deletions of NATed TCP entries are kept (others cannot cause our resets)."""
+
+    def __init__(self, directory: NetnsDirectory):
+        self.dir = directory
+        self._socks: dict = {}       # fileno -> (inode, kind, socket)
+        self._by_ns: dict = {}       # inode -> [socket, ...]
+        self._link_up: dict = {}     # (inode, ifindex) -> bool
+
+    def sync(self) -> None:
+        alive = set(self.dir.known())
+        for inode in [i for i in self._by_ns if i not in alive]:
+            for s in self._by_ns.pop(inode):
+                self._socks.pop(s.fileno(), None)
                 s.close()
-        self._ct.clear()
+        for inode in alive - set(self._by_ns):
+            path = self.dir.path(inode)
+            try:
+                ct = create_socket(netns=path, family=socket.AF_NETLINK, socket_type=socket.SOCK_RAW,
+                                   proto=NETLINK_NETFILTER, flags=0)
+                ct.bind((0, 1 << (NFNLGRP_CONNTRACK_DESTROY - 1)))
+                rt = create_socket(netns=path, family=socket.AF_NETLINK, socket_type=socket.SOCK_RAW,
+                                   proto=NETLINK_ROUTE, flags=0)
+                rt.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+            except OSError as e:
+                log.debug("cannot monitor namespace", netns=inode, error=str(e))
+                self._by_ns[inode] = []
+                continue
+            for s, kind in ((ct, "ct"), (rt, "rt")):
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                s.setblocking(False)
+                self._socks[s.fileno()] = (inode, kind, s)
+            self._by_ns[inode] = [ct, rt]
+
+    def poll(self) -> list:
+        if not self._socks:
+            return []
+        ready, _, _ = select.select(list(self._socks), [], [], 0)
+        events = []
+        for fd in ready:
+            inode, kind, s = self._socks[fd]
+            while True:
+                try:
+                    data = s.recv(1 << 16)
+                except BlockingIOError:
+                    break
+                except OSError as e:  # ENOBUFS: the kernel dropped events for us
+                    log.warning("netlink monitor overrun", netns=inode, error=str(e))
+                    break
+                events += self._parse(inode, kind, data)
+        return events
+
+    def _parse(self, inode: int, kind: str, data: bytes) -> list:
+        out = []
+        off = 0
+        now, mono = time.time(), time.monotonic_ns()
+        while off + 16 <= len(data):
+            length, mtype = struct.unpack_from("=IH", data, off)
+            if length < 16:
+                break
+            raw = data[off:off + length]
+            off += (length + 3) & ~3
+            base = dict(ts=now, ts_ns=mono, netns=inode, flow=None, probe="netlink")
+            if kind == "ct" and mtype & 0xFF == IPCTNL_MSG_CT_DELETE:
+                msg = nfct_msg(raw)
+                msg.decode()
+                if not _is_tcp(msg):
+                    continue
+                entry = entry_from_netlink(msg)
+                if entry.status & (IPS_SRC_NAT | IPS_DST_NAT):
+                    out.append(KernelEvent(kind=CT_DESTROY, ifindex=0, entry=entry,
+                                           family=6 if ":" in entry.orig.src.addr else 4, **base))
+            elif kind == "rt" and mtype == RTM_DELADDR:
+                msg = ifaddrmsg(raw)
+                msg.decode()
+                out.append(KernelEvent(kind=ADDR_REMOVED, ifindex=msg["index"],
+                                       address=f"{msg.get_attr('IFA_ADDRESS')}/{msg['prefixlen']}",
+                                       **base))
+            elif kind == "rt" and mtype in (RTM_NEWLINK, RTM_DELLINK):
+                msg = ifinfmsg(raw)
+                msg.decode()
+                key = (inode, msg["index"])
+                up = mtype == RTM_NEWLINK and bool(msg["flags"] & IFF_UP)
+                if self._link_up.get(key, True) and not up:
+                    out.append(KernelEvent(kind=LINK_DOWN, ifindex=msg["index"], **base))
+                self._link_up[key] = up
+        return out
+
+    def close(self) -> None:
+        for socks in self._by_ns.values():
+            for s in socks:
+                s.close()
+        self._socks.clear()
+        self._by_ns.clear()
 
 
-def needs_conntrack(ev: KernelEvent) -> bool:
-    """A stack-generated RST for a segment that carried no conntrack reference: it may be a
-    NATed flow's segment that conntrack refused (INVALID) and so was not de-NATed."""
-    return (ev.kind == RST_SENT and ev.has_skb and not ev.has_ct and not ev.has_sock
-            and not ev.is_syn and ev.flow is not None)
+def is_unknown_segment(ev: KernelEvent) -> bool:
+    """A stack RST for a non-SYN segment with no connection socket (none, or a listener)."""
+    return (ev.kind == RST_SENT and ev.has_skb and not ev.is_syn and ev.flow is not None
+            and (not ev.has_sock or ev.sk_state == "LISTEN"))
 
 
 class ContextGatherer:
     def __init__(self):
         self.dir = NetnsDirectory()
         self.handles = NetnsHandles(self.dir)
+        self.monitor = NetlinkMonitor(self.dir)
+        self._last_sync = 0.0
+        self._elsewhere_budget = (0, 0)   # (second, lookups done in it)
+        self._sysctls: dict = {}
 
     def start(self) -> None:
+        self.monitor.sync()
         self.handles.baseline()
+
+    def tick(self) -> list:
+        """Periodic work: follow namespaces coming and going; the monitors' events."""
+        if time.monotonic() - self._last_sync > SCAN_INTERVAL:
+            self._last_sync = time.monotonic()
+            self.dir.scan()
+            self.monitor.sync()
+            self.handles.prune(set(self.dir.known()))
+        return [self.enrich(ev) for ev in self.monitor.poll()]
+
+    def _elsewhere_allowed(self) -> bool:
+        second = int(time.monotonic())
+        sec, used = self._elsewhere_budget
+        if sec != second:
+            sec, used = second, 0
+        self._elsewhere_budget = (sec, used + 1)
+        return used < ELSEWHERE_LOOKUPS_PER_S
+
+    def _nat_elsewhere(self, ev: KernelEvent) -> list:
+        """A segment this namespace cannot place may belong to a flow NATed by a router
+        namespace on the same host: its reply tuple is the segment (a reply that was not
+        un-DNATed) or the segment reversed (a client re-SNATed to a new port)."""
+        found = []
+        for inode in self.dir.known():
+            if inode == ev.netns:
+                continue
+            for match, seg in (("reply", ev.flow), ("reply_reversed", ev.flow.reversed())):
+                entry = self.handles.lookup_by_reply(inode, seg, ev.family)
+                if entry is not None and entry.nat:
+                    found.append({"netns": inode, "netns_name": self.dir.name(inode),
+                                  "entry": entry, "match": match})
+        return found
 
     def enrich(self, ev: KernelEvent) -> KernelEvent:
         ctx = ev.context
         ctx.netns_name = self.dir.name(ev.netns)
         ctx.ifname = self.handles.ifname(ev.netns, ev.ifindex)
-        if needs_conntrack(ev):
-            ctx.conntrack_looked_up = True
-            ctx.conntrack = self.handles.lookup_by_reply(ev.netns, ev.flow, ev.family)
-            ctx.ct_invalid_delta = self.handles.invalid_delta(ev.netns)
+        if is_unknown_segment(ev):
+            if not ev.has_sock and not ev.has_ct:
+                ctx.conntrack_looked_up = True
+                ctx.conntrack = self.handles.lookup_by_reply(ev.netns, ev.flow, ev.family)
+            if ctx.conntrack is None and self._elsewhere_allowed():
+                ctx.nat_elsewhere = self._nat_elsewhere(ev)
+                for hit in ctx.nat_elsewhere:   # counters of the router, where INVALID happened
+                    hit["ct_stats_delta"], _ = self.handles.stats_delta(hit["netns"])
+        # counters only where a conntrack cause is possible: never for ordinary resets
+        if ev.kind == SKB_DROPPED or (is_unknown_segment(ev) and not ev.has_sock):
+            ctx.ct_stats_delta, ctx.ct_count = self.handles.stats_delta(ev.netns)
+        if ev.kind == SKB_DROPPED and ev.is_syn:
+            ctx.sysctls = self.sysctls(ev.netns)
+            ctx.ct_max = ctx.sysctls.get("nf_conntrack_max")
+            if ev.skb_ct is not None:
+                ctx.nat_rule = self.handles.nat_rules(ev.netns)
+        if ev.kind == CT_DESTROY:
+            ctx.sysctls = self.sysctls(ev.netns)
         return ev
 
+    def sysctls(self, inode: int) -> dict:
+        cached = self._sysctls.get(inode)
+        if cached and time.monotonic() - cached[0] < 10:
+            return cached[1]
+        path = self.dir.path(inode)
+        values = read_sysctls(path) if path else {}
+        self._sysctls[inode] = (time.monotonic(), values)
+        return values
+
     def close(self) -> None:
+        self.monitor.close()
         self.handles.close()

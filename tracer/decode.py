@@ -11,13 +11,14 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from .events import RST_RECEIVED, RST_SENT, SKB_DROPPED, Endpoint, KernelEvent, Tuple
+from .events import (MASQ_NOTIFIER, RST_RECEIVED, RST_SENT, SKB_DROPPED, ConntrackEntry, Endpoint,
+                     KernelEvent, Tuple)
 
 # mirrors struct rst_event; keep in step with bpf/common.h
-RAW_EVENT = struct.Struct("<QQQQIIIIIIIIHHHHBBBBBB2x16s16s16s")
-KINDS = {1: RST_SENT, 2: RST_RECEIVED, 3: SKB_DROPPED}
+RAW_EVENT = struct.Struct("<QQQQIIIIIIIIHHHHBBBBBB2x16s16s16sQ16s16s16s16sHHHH")
+KINDS = {1: RST_SENT, 2: RST_RECEIVED, 3: SKB_DROPPED, 4: MASQ_NOTIFIER}
 PROBES = {RST_SENT: "tcp:tcp_send_reset", RST_RECEIVED: "tcp:tcp_receive_reset",
-          SKB_DROPPED: "skb:kfree_skb"}
+          SKB_DROPPED: "skb:kfree_skb", MASQ_NOTIFIER: "notifier:notifier_run"}
 # include/net/tcp_states.h: stable since 2.6
 TCP_STATES = ("", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT",
               "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV",
@@ -56,10 +57,9 @@ class Kallsyms:
         return self._names[i]
 
     def address(self, name: str) -> int:
-        try:
-            return self._addrs[self._names.index(name)]
-        except ValueError:
-            return 0
+        if not hasattr(self, "_by_name"):
+            self._by_name = dict(zip(self._names, self._addrs))
+        return self._by_name.get(name, 0)
 
 
 @dataclass
@@ -89,7 +89,8 @@ def decode(raw: bytes, names: KernelNames) -> KernelEvent:
         raise DecodeError(f"short event: {len(raw)} bytes, want {RAW_EVENT.size}")
     (ts_ns, skb, sk, location, kind, reason, netns, ifindex, ct_status, pid, seq, ack,
      sport, dport, payload_len, window, family, flags, has_ct, ctinfo, sk_state, has_skb,
-     saddr, daddr, comm) = RAW_EVENT.unpack_from(raw)
+     saddr, daddr, comm, notifier_cb, o_saddr, o_daddr, r_saddr, r_daddr, o_sport, o_dport,
+     r_sport, r_dport) = RAW_EVENT.unpack_from(raw)
     kind_name = KINDS.get(kind)
     if kind_name is None:
         raise DecodeError(f"unknown event kind {kind}")
@@ -97,6 +98,14 @@ def decode(raw: bytes, names: KernelNames) -> KernelEvent:
     if family in (4, 6):
         flow = Tuple(Endpoint(_addr(saddr, family), sport), Endpoint(_addr(daddr, family), dport))
     table = names.drop_reasons if kind_name == SKB_DROPPED else names.rst_reasons
+    # the skb's own conntrack entry as the kernel had it (also unconfirmed ones, which
+    # ctnetlink cannot show)
+    skb_ct = None
+    if has_ct and family in (4, 6):
+        skb_ct = ConntrackEntry(
+            orig=Tuple(Endpoint(_addr(o_saddr, family), o_sport), Endpoint(_addr(o_daddr, family), o_dport)),
+            reply=Tuple(Endpoint(_addr(r_saddr, family), r_sport), Endpoint(_addr(r_daddr, family), r_dport)),
+            status=ct_status)
     return KernelEvent(
         kind=kind_name,
         ts=ts_ns / 1e9 + names.mono_to_wall,
@@ -121,6 +130,8 @@ def decode(raw: bytes, names: KernelNames) -> KernelEvent:
         reason_code=reason,
         location=names.resolve_symbol(location) if (location and names.resolve_symbol) else "",
         probe=PROBES[kind_name],
+        skb_ct=skb_ct,
+        notifier=names.resolve_symbol(notifier_cb) if (notifier_cb and names.resolve_symbol) else "",
         pid=pid,
         comm=comm.split(b"\0", 1)[0].decode(errors="replace"),
     )

@@ -8,8 +8,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
+# from the probes
 RST_SENT, RST_RECEIVED, SKB_DROPPED = "rst_sent", "rst_received", "skb_dropped"
-EVENT_KINDS = (RST_SENT, RST_RECEIVED, SKB_DROPPED)
+MASQ_NOTIFIER = "masq_notifier"          # a masquerade address/device notifier ran
+# from netlink monitors in each namespace
+CT_DESTROY = "ct_destroy"                # a conntrack entry went away
+ADDR_REMOVED = "addr_removed"            # an address was removed from an interface
+LINK_DOWN = "link_down"                  # an interface went down
+EVENT_KINDS = (RST_SENT, RST_RECEIVED, SKB_DROPPED, MASQ_NOTIFIER, CT_DESTROY, ADDR_REMOVED, LINK_DOWN)
+TRIGGER_KINDS = (MASQ_NOTIFIER, ADDR_REMOVED, LINK_DOWN)
 
 TCP_FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
@@ -94,22 +101,36 @@ class Context:
     ifname: str = ""
     conntrack: Optional[ConntrackEntry] = None   # entry whose reply tuple matched the segment
     conntrack_looked_up: bool = False
-    ct_invalid_delta: Optional[int] = None       # conntrack `invalid` counter rise in that netns
-    ct_stats: dict = field(default_factory=dict)
+    # conntrack statistics of the namespace: rise since the previous look (invalid,
+    # insert_failed, drop, early_drop), and the table's fill
+    ct_stats_delta: dict = field(default_factory=dict)
+    ct_count: Optional[int] = None
+    ct_max: Optional[int] = None
+    # NAT entries for this segment found in *other* namespaces (the router of a container):
+    # [{"netns", "netns_name", "entry", "match": "reply" | "reply_reversed"}]
+    nat_elsewhere: list = field(default_factory=list)
+    nat_rule: dict = field(default_factory=dict)  # {"random_fully": bool, "rules": [...]}
+    sysctls: dict = field(default_factory=dict)    # conntrack sysctls of the namespace
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["conntrack"] = self.conntrack.to_dict() if self.conntrack else None
+        d["nat_elsewhere"] = [dict(x, entry=x["entry"].to_dict()) for x in self.nat_elsewhere]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Context":
         d = dict(d)
         ct = d.pop("conntrack", None)
+        elsewhere = d.pop("nat_elsewhere", None) or []
         known = {f.name for f in fields(cls)}
         ctx = cls(**{k: v for k, v in d.items() if k in known})
         ctx.conntrack = ConntrackEntry.from_dict(ct) if ct else None
+        ctx.nat_elsewhere = [dict(x, entry=ConntrackEntry.from_dict(x["entry"])) for x in elsewhere]
         return ctx
+
+
+_ENTRY_FIELDS = ("skb_ct", "entry")
 
 
 @dataclass
@@ -139,6 +160,10 @@ class KernelEvent:
     probe: str = ""              # e.g. tcp:tcp_send_reset
     pid: int = 0
     comm: str = ""
+    skb_ct: Optional[ConntrackEntry] = None   # the packet's own conntrack entry (from the skb)
+    notifier: str = ""           # masq_notifier: which notifier ran (masq_inet_event, ...)
+    entry: Optional[ConntrackEntry] = None    # ct_destroy: the entry that went away
+    address: str = ""            # addr_removed: the address
     context: Context = field(default_factory=Context)
 
     @property
@@ -148,6 +173,8 @@ class KernelEvent:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["flow"] = self.flow.to_dict() if self.flow else None
+        for name in _ENTRY_FIELDS:
+            d[name] = d[name].to_dict() if d[name] else None
         d["context"] = self.context.to_dict()
         return d
 
@@ -159,7 +186,9 @@ class KernelEvent:
         flow = d.pop("flow", None)
         ctx = d.pop("context", None) or {}
         known = {f.name for f in fields(cls)}
-        ev = cls(flow=Tuple.from_dict(flow) if flow else None,
+        entries = {k: d.pop(k, None) for k in _ENTRY_FIELDS}
+        entries = {k: ConntrackEntry.from_dict(v) if v else None for k, v in entries.items()}
+        ev = cls(flow=Tuple.from_dict(flow) if flow else None, **entries,
                  **{k: v for k, v in d.items() if k in known and k != "flow"})
         ev.context = Context.from_dict(ctx)
         return ev

@@ -36,6 +36,14 @@ class Recorder:
                                        "created": time.time()}))
         self._f.flush()
 
+    @classmethod
+    def from_header(cls, path: str, header: dict) -> "Recorder":
+        rec = cls.__new__(cls)
+        rec._f = open(path, "wb")
+        rec._pack = msgpack.Packer(use_bin_type=True)
+        rec._f.write(rec._pack.pack(header))
+        return rec
+
     def write(self, ev: KernelEvent) -> None:
         self._f.write(self._pack.pack(ev.to_dict()))
         self._f.flush()  # a crash loses nothing already seen
@@ -94,3 +102,15 @@ def read_recording(path: str):
             f.close()
 
     return header, events()
+
+
+def keep_only(path: str, keep) -> int:
+    """Rewrite a recording with only the events for which keep(event) is true (e.g. one
+    lab's namespaces, for a test fixture). Returns the number of events kept."""
+    header, events = read_recording(path)
+    kept = [ev for ev in events if keep(ev)]
+    rec = Recorder.from_header(path, header)
+    for ev in kept:
+        rec.write(ev)
+    rec.close()
+    return len(kept)

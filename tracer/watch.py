@@ -43,8 +43,10 @@ class Watch:
         self.stopping = False
         self.verdicts = 0
         self.decode_errors = 0
+        self.context_errors = 0
         self._lost_reported = 0
         self._decode_reported = 0
+        self._pending: list = []
 
     def emit(self, record: dict) -> None:
         for sink in self.sinks:
@@ -57,10 +59,30 @@ class Watch:
             self.decode_errors += 1
             log.warning("undecodable kernel event", error=str(e))
             return
-        self.gatherer.enrich(ev)
+        self._pending.append(ev)
+
+    def process_batch(self) -> None:
+        """Monitor events (deletions, address changes) before the kernel events of the same
+        batch: a deletion always precedes the reset it explains, but its netlink message
+        may arrive while the reset is already queued in the ring buffer."""
+        for ev in self.gatherer.tick():
+            self.attribute(ev)
+        pending, self._pending = self._pending, []
+        for ev in pending:
+            try:
+                self.gatherer.enrich(ev)
+            except Exception as e:  # noqa: BLE001 — context is best effort, the event is not
+                self.context_errors += 1
+                log.warning("context gathering failed; attributing without it", error=repr(e))
+            self.attribute(ev)
+
+    def attribute(self, ev) -> None:
         if self.recorder is not None:
             self.recorder.write(ev)
-        record = self.attributor.feed(ev).to_dict()
+        verdict = self.attributor.feed(ev)
+        if verdict is None:   # context events (deletions, address changes) only inform
+            return
+        record = verdict.to_dict()
         self.verdicts += 1
         if self.filter.matches(record):
             self.emit(record)
@@ -93,11 +115,14 @@ class Watch:
             deadline = time.monotonic() + duration if duration else None
             next_loss_check = 0.0
             while not self.stopping and (deadline is None or time.monotonic() < deadline):
-                self.backend.poll(200)
+                self.backend.poll(50)
+                self.process_batch()
                 if time.monotonic() >= next_loss_check:
                     self.report_losses()
+                    self.backend.refresh()
                     next_loss_check = time.monotonic() + LOSS_CHECK_INTERVAL
             self.backend.poll(0)  # drain what is already queued
+            self.process_batch()
             self.report_losses()
         finally:
             self.backend.detach()
@@ -105,5 +130,5 @@ class Watch:
             if self.recorder is not None:
                 self.recorder.close()
         self.emit(status_record(time.time(), self.host, "detached", verdicts=self.verdicts,
-                                lost_total=self._lost_reported))
+                                lost_total=self._lost_reported, context_errors=self.context_errors))
         return 0

@@ -49,7 +49,7 @@ def test_replay_of_a_broken_file_keeps_the_good_part(fixtures, tmp_path):
     broken.write_bytes(data[: len(data) - 40])
     p = rst("replay", "--json", str(broken))
     assert p.returncode == 1
-    assert p.stdout.count('"type":"verdict"') == 3          # 4 events recorded, the last one cut
+    assert p.stdout.count('"type":"verdict"') == 3          # 4 resets recorded, the last one cut
     assert len(p.stderr.strip().splitlines()) == 1 and "offset" in p.stderr and "Traceback" not in p.stderr
 
 

@@ -1,42 +1,18 @@
-"""Runs the rules over events and keeps the little memory that links later resets on a
-flow to the root cause that hit it first."""
+"""Runs the rules over events and keeps the state that links later resets to the
+deletion or root cause that hit their flow first."""
 from __future__ import annotations
 
 import itertools
 import socket
 import time
-from collections import OrderedDict
 from typing import Optional
 
-from ..events import RST_RECEIVED, RST_SENT, KernelEvent, flag_names
+from ..events import CT_DESTROY, RST_RECEIVED, RST_SENT, TRIGGER_KINDS, KernelEvent, flag_names
 from ..schema import Verdict
 from .rules import RULES, Finding
+from .state import AttributionState
 
 DIRECTIONS = {RST_SENT: "sent", RST_RECEIVED: "received"}
-
-
-class FlowMemory:
-    """Recent root-cause verdicts by the endpoint pairs they concern, bounded in size and age."""
-
-    def __init__(self, ttl: float = 600.0, max_entries: int = 65536):
-        self.ttl, self.max_entries = ttl, max_entries
-        self._items: OrderedDict = OrderedDict()
-
-    def remember(self, keys: list, record: dict, now: float) -> None:
-        for key in keys:
-            self._items[key] = (now, record)
-            self._items.move_to_end(key)
-        while len(self._items) > self.max_entries:
-            self._items.popitem(last=False)
-
-    def recall(self, key, now: float) -> Optional[dict]:
-        hit = self._items.get(key)
-        if not hit or now - hit[0] > self.ttl:
-            return None
-        return dict(hit[1], age_s=round(now - hit[0], 6))
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 class Attributor:
@@ -45,17 +21,25 @@ class Attributor:
         self.backend = backend
         self.host = host or socket.gethostname()
         self.rules = rules
-        self.memory = FlowMemory()
+        self.state = AttributionState()
         self.id_prefix = id_prefix or f"{self.host}-{int(time.time()):x}"
         self._ids = (f"{self.id_prefix}-{n}" for n in itertools.count(1))
 
-    def feed(self, ev: KernelEvent) -> Verdict:
-        related = self.memory.recall(ev.flow.endpoints(), ev.ts) if ev.flow else None
-        finding = next(f for f in (r.explain(ev, related) for r in self.rules) if f is not None)
+    def feed(self, ev: KernelEvent) -> Optional[Verdict]:
+        """One verdict per reset or drop; None for context events (deletions, address and
+        device changes), which only inform later verdicts."""
+        self.state.now = ev.ts
+        if ev.kind == CT_DESTROY:
+            self.state.add_deletion(ev)
+            return None
+        if ev.kind in TRIGGER_KINDS:
+            self.state.add_trigger(ev)
+            return None
+        rule, finding = next((r, f) for r, f in ((r, r.explain(ev, self.state)) for r in self.rules)
+                             if f is not None)
         verdict = self._verdict(ev, finding)
-        rule = next(r for r in self.rules if r.cause == finding.cause)
         if rule.root_cause and finding.keys:
-            self.memory.remember(finding.keys, {"id": verdict.id, "cause": verdict.cause}, ev.ts)
+            self.state.remember(finding.keys, {"id": verdict.id, "cause": verdict.cause}, ev.ts)
         return verdict
 
     def _verdict(self, ev: KernelEvent, f: Finding) -> Verdict:

@@ -6,9 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..events import (RST_RECEIVED, RST_SENT, SKB_DROPPED, KernelEvent, ct_status_names,
-                      flag_names)
+from ..events import (IPS_CONFIRMED, IPS_SRC_NAT, RST_RECEIVED, RST_SENT, SKB_DROPPED,
+                      KernelEvent, ct_status_names, flag_names)
 from ..schema import Evidence, Remedy
+from .state import AttributionState, Deletion
+
+ABORT_REASONS = {"TCP_ABORT_ON_CLOSE", "TCP_ABORT_ON_LINGER", "TCP_ABORT_ON_DATA",
+                 "TCP_ABORT_ON_MEMORY", "TCP_DISCONNECT_WITH_DATA"}
 
 
 @dataclass
@@ -20,7 +24,7 @@ class Finding:
     remedy: Remedy
     nat: Optional[dict] = None
     related: Optional[dict] = None
-    keys: list = field(default_factory=list)   # endpoint sets this finding is about
+    keys: list = field(default_factory=list)   # endpoint sets this root cause concerns
 
 
 def segment_evidence(ev: KernelEvent) -> Evidence:
@@ -30,6 +34,11 @@ def segment_evidence(ev: KernelEvent) -> Evidence:
                      "len": ev.payload_len, "window": ev.window})
 
 
+def reason_evidence(ev: KernelEvent, who: str) -> Evidence:
+    return Evidence("rst_reason", f"RST sent by {who} (kernel reason {ev.reason or 'n/a'})",
+                    {"reason": ev.reason or None, "socket": ev.sk_state or None})
+
+
 def related_evidence(related: Optional[dict]) -> list:
     if not related:
         return []
@@ -37,18 +46,31 @@ def related_evidence(related: Optional[dict]) -> list:
                      f"{related['cause']} (verdict {related['id']})", related)]
 
 
+def unknown_segment(ev: KernelEvent) -> bool:
+    """A stack RST for a non-SYN segment with no connection socket (none, or a listener)."""
+    return (ev.kind == RST_SENT and ev.has_skb and not ev.is_syn and ev.flow is not None
+            and (not ev.has_sock or ev.sk_state == "LISTEN"))
+
+
+def nat_tuples(entry) -> dict:
+    return {"inside": entry.orig.to_dict(), "outside": entry.reply.reversed().to_dict()}
+
+
 class Rule:
     cause = ""
     root_cause = False   # findings of this rule are remembered to explain later resets
 
-    def explain(self, ev: KernelEvent, related: Optional[dict]) -> Optional[Finding]:
+    def explain(self, ev: KernelEvent, state: AttributionState) -> Optional[Finding]:
         raise NotImplementedError
 
 
+# -- incident 1 -----------------------------------------------------------------------
 class ConntrackInvalidUnnat(Rule):
     """Incident 1: conntrack marked a NATed flow's segment INVALID, so it kept no conntrack
-    reference, was not de-NATed, reached this host's own stack at the NAT address/port where
-    no socket exists, and the stack answered RST to the remote peer."""
+    reference and was not un-NATed. Either it reached this host's own stack at the SNAT
+    address/port (no socket there: RST to the remote peer), or, in the DNAT/service
+    direction, a backend's reply reached the client with the backend's real address and the
+    client (no socket for it) reset it."""
     cause = "conntrack_invalid_unnat"
     root_cause = True
 
@@ -60,33 +82,290 @@ class ConntrackInvalidUnnat(Rule):
          "iptables -I FORWARD -m conntrack --ctstate INVALID -j DROP",
          "sysctl -w net.netfilter.nf_conntrack_tcp_be_liberal=1"])
 
-    def explain(self, ev, related):
-        ct = ev.context.conntrack
-        if not (ev.kind == RST_SENT and ev.has_skb and not ev.has_ct and not ev.has_sock
-                and ct is not None and ct.nat and ct.reply == ev.flow):
+    def explain(self, ev, state):
+        if not unknown_segment(ev) or ev.has_ct:
             return None
-        delta = ev.context.ct_invalid_delta
-        inside = ct.orig
-        outside = ct.reply.reversed()
+        ct = ev.context.conntrack
+        if ct is not None and ct.nat and ct.reply == ev.flow and not ev.has_sock:
+            return self._snat_side(ev, ct)
+        for hit in ev.context.nat_elsewhere:
+            if hit["match"] == "reply" and not state.deletion_by_orig(hit["netns"], hit["entry"].orig):
+                return self._dnat_side(ev, hit)
+        return None
+
+    def _invalid_evidence(self, delta: Optional[dict], where: str) -> list:
+        if not delta or delta.get("invalid") is None:
+            return []
+        return [Evidence("ct_invalid_delta", f"conntrack 'invalid' counter rose by {delta['invalid']} "
+                         f"in {where}", delta["invalid"])]
+
+    def _snat_side(self, ev, ct):
+        inside, outside = ct.orig, ct.reply.reversed()
+        delta = ev.context.ct_stats_delta
         evidence = [
             Evidence("segment_conntrack", "the segment that drew the RST carried no conntrack "
                      "reference (skb->_nfct == 0): conntrack refused it", {"has_ct": False}),
             Evidence("nat_entry", f"a NAT conntrack entry exists whose reply tuple is exactly this "
                      f"segment: inside {inside}, NATed {outside} ({ct.tcp_state})", ct.to_dict()),
-            segment_evidence(ev),
-            Evidence("rst_reason", f"RST sent by this host's stack with no socket (reason {ev.reason or 'n/a'})",
-                     {"reason": ev.reason, "socket": False}),
-        ]
-        if delta is not None:
-            evidence.append(Evidence("ct_invalid_delta", f"conntrack 'invalid' counter rose by {delta} "
-                                     "in this namespace", delta))
+            segment_evidence(ev), reason_evidence(ev, "this host's stack with no socket"),
+        ] + self._invalid_evidence(delta, "this namespace")
         return Finding(
             self.cause,
             f"conntrack marked a segment of NATed flow {inside} INVALID (out of window); it was "
             f"not de-NATed and this host answered RST on {outside}",
-            "high" if delta else "medium", evidence, self.REMEDY,
-            nat={"inside": inside.to_dict(), "outside": outside.to_dict()},
-            keys=[inside.endpoints(), outside.endpoints()])
+            "high" if delta.get("invalid") else "medium", evidence, self.REMEDY,
+            nat=nat_tuples(ct), keys=[inside.endpoints(), outside.endpoints()])
+
+    def _dnat_side(self, ev, hit):
+        ct = hit["entry"]
+        delta = hit.get("ct_stats_delta") or {}
+        evidence = [
+            Evidence("unnated_reply", f"the segment {ev.flow} is the reply tuple of a NAT entry in "
+                     f"namespace {hit['netns_name'] or hit['netns']}: it was forwarded without its "
+                     f"source being translated back", {"router_netns": hit["netns"], "entry": ct.to_dict()}),
+            segment_evidence(ev), reason_evidence(ev, "the client, which has no socket for the backend's address"),
+        ] + self._invalid_evidence(delta, f"the router namespace {hit['netns_name'] or hit['netns']}")
+        return Finding(
+            self.cause,
+            f"conntrack in {hit['netns_name'] or hit['netns']} marked a reply of {ct.orig} INVALID; "
+            f"it reached the client un-NATed from {ct.reply.src} and the client answered RST",
+            "high" if delta.get("invalid") else "medium", evidence, self.REMEDY,
+            nat=nat_tuples(ct), keys=[ct.orig.endpoints(), ct.reply.endpoints()])
+
+
+# -- incidents 3 and 4: the entry went away --------------------------------------------
+def deletion_for(ev: KernelEvent, state: AttributionState):
+    """The deleted NAT entry an unknown segment belonged to, and how it shows:
+    - "unnated": the segment is the reply tuple of an entry deleted in this namespace (a
+      server sent first, its packet was not de-NATed and reached this host's stack);
+    - "renated": a router namespace NATs this segment's flow with a *new* entry whose
+      original tuple is that of a deleted one (the client was re-SNATed to a new port)."""
+    if not unknown_segment(ev) or ev.has_sock:
+        gone = None
+    else:
+        gone = state.deletion_by_reply(ev.netns, ev.flow)
+    if gone is not None:
+        return gone, "unnated", None
+    if unknown_segment(ev):
+        for hit in ev.context.nat_elsewhere:
+            if hit["match"] != "reply_reversed":
+                continue
+            old = state.deletion_by_orig(hit["netns"], hit["entry"].orig)
+            if old is not None and old.entry.reply != hit["entry"].reply:
+                return old, "renated", hit
+    return None, "", None
+
+
+def deletion_evidence(ev: KernelEvent, gone: Deletion, how: str, hit: Optional[dict]) -> list:
+    e = gone.entry
+    out = [Evidence("deleted_entry", f"conntrack entry inside {e.orig}, NATed {e.reply.reversed()} "
+                    f"was deleted {ev.ts - gone.ts:.3f}s before this reset", dict(e.to_dict(), deleted_ts=gone.ts)),
+           segment_evidence(ev)]
+    if how == "unnated":
+        out.append(Evidence("unnated_segment", "the segment arrived with no entry to de-NAT it and "
+                            "reached this host's own stack at the NAT address", {"has_ct": ev.has_ct}))
+    else:
+        new = hit["entry"]
+        out.append(Evidence("new_nat_port", f"the client's next packet created a new entry NATed to "
+                            f"{new.reply.dst} instead of {e.reply.dst}: the server has no such connection",
+                            {"old": e.reply.reversed().to_dict(), "new": new.reply.reversed().to_dict(),
+                             "router_netns": hit["netns"]}))
+    out.append(reason_evidence(ev, "the listener" if ev.has_sock else "a stack with no socket"))
+    return out
+
+
+class ConntrackFlushed(Rule):
+    """Incidents 3 and 4: an address removal or device event on the masquerading interface
+    (VIP move, DHCP renewal) deleted the flow's conntrack entry; its next packet was either
+    re-SNATed to a new port (the server's stack resets it) or, server first, arrived with no
+    entry to de-NAT it (the router's stack resets it)."""
+    cause = "conntrack_flushed"
+    root_cause = True
+
+    REMEDY_ADDRESS = Remedy(
+        "Keep the masquerading address stable: static addressing or systemd-networkd "
+        "KeepConfiguration=dhcp (DHCP renewals), move VIPs on another interface than the "
+        "MASQUERADE one or use SNAT --to-source with a fixed address instead of MASQUERADE; "
+        "applications should reconnect on ECONNRESET.",
+        ["# /etc/systemd/network/<link>.network: [Network] KeepConfiguration=dhcp",
+         "iptables -t nat -R POSTROUTING <n> -o <if> -j SNAT --to-source <stable address>"])
+    REMEDY_UNKNOWN = Remedy(
+        "The entry was deleted without an address or device event: look for `conntrack -D/-F` "
+        "or an agent (kube-proxy, CNI) deleting entries over ctnetlink.",
+        ["conntrack -E -e DESTROY   # watch who deletes entries"])
+
+    def explain(self, ev, state):
+        gone, how, hit = deletion_for(ev, state)
+        if gone is None:
+            return None
+        trigger = state.trigger_near(gone.netns, gone.ts)
+        if trigger is None and gone.expired:
+            return None   # ConntrackExpired
+        evidence = deletion_evidence(ev, gone, how, hit)
+        if trigger is not None:
+            evidence.insert(0, Evidence("flush_trigger", f"{trigger.describe()} in namespace "
+                                        f"{trigger.netns_name or trigger.netns} {gone.ts - trigger.ts:+.3f}s "
+                                        f"before the deletion", trigger.to_dict()))
+        nat = nat_tuples(gone.entry)
+        keys = [gone.entry.orig.endpoints(), gone.entry.reply.endpoints()]
+        if hit is not None:
+            nat["outside_after"] = hit["entry"].reply.reversed().to_dict()
+            keys.append(hit["entry"].reply.endpoints())
+        what = trigger.describe() if trigger else "a deletion with no address or device event"
+        return Finding(self.cause,
+                       f"conntrack entry of {gone.entry.orig} was flushed by {what}; "
+                       f"{'its next packet was re-NATed to a new port' if how == 'renated' else 'the next packet was not de-NATed'}"
+                       f" and drew this RST",
+                       "high" if trigger else "medium", evidence,
+                       self.REMEDY_ADDRESS if trigger else self.REMEDY_UNKNOWN, nat=nat, keys=keys)
+
+
+class ConntrackExpired(Rule):
+    """Like a flush, but nothing deleted the entry: it timed out (idle longer than the TCP
+    timeout of its state in that namespace), then the next packet drew a RST."""
+    cause = "conntrack_expired"
+    root_cause = True
+
+    def explain(self, ev, state):
+        gone, how, hit = deletion_for(ev, state)
+        if gone is None or not gone.expired or state.trigger_near(gone.netns, gone.ts):
+            return None
+        timeout = gone.sysctls.get("nf_conntrack_tcp_timeout_established")
+        evidence = [Evidence("expired", f"the entry was deleted with {gone.entry.timeout}s of its timeout "
+                             f"left and no address or device event: it expired "
+                             f"(established timeout in that namespace: {timeout}s)",
+                             {"timeout_left_s": gone.entry.timeout, "tcp_timeout_established_s": timeout})]
+        evidence += deletion_evidence(ev, gone, how, hit)
+        remedy = Remedy(
+            "The connection was idle longer than conntrack keeps an entry. Enable TCP keepalive "
+            "below that timeout in the application, or raise the timeout.",
+            [f"sysctl -w net.netfilter.nf_conntrack_tcp_timeout_established={max(432000, (timeout or 0) * 2)}",
+             "# application: SO_KEEPALIVE with TCP_KEEPIDLE below the conntrack timeout"])
+        nat = nat_tuples(gone.entry)
+        return Finding(self.cause, f"conntrack entry of {gone.entry.orig} expired after idling past "
+                       f"{timeout}s; the next packet drew this RST", "high" if timeout else "medium",
+                       evidence, remedy, nat=nat,
+                       keys=[gone.entry.orig.endpoints(), gone.entry.reply.endpoints()])
+
+
+# -- incident 2 and the table ----------------------------------------------------------
+class SnatPortClash(Rule):
+    """Incident 2: two connections got the same NATed source port before either conntrack
+    entry was confirmed; the second clashed at confirm and its SYN was dropped (the client
+    retransmits after 1 s). No RST at all."""
+    cause = "snat_port_clash"
+    root_cause = True
+
+    def explain(self, ev, state):
+        ct = ev.skb_ct
+        if not (ev.kind == SKB_DROPPED and ev.reason == "NETFILTER_DROP" and ev.is_syn and ct is not None
+                and ct.status & IPS_SRC_NAT and not ct.status & IPS_CONFIRMED):
+            return None
+        delta = ev.context.ct_stats_delta
+        rules = ev.context.nat_rule or {}
+        evidence = [
+            Evidence("unconfirmed_nat_drop", f"SYN dropped at {ev.location or 'netfilter'} while its "
+                     f"conntrack entry was SNATed but not yet confirmed "
+                     f"({'|'.join(ct_status_names(ct.status))})", ct.to_dict()),
+            Evidence("nated_source", f"NAT chose {ct.reply.dst} for {ct.orig.src}: another "
+                     f"connection already held that tuple", ct.reply.reversed().to_dict()),
+            segment_evidence(ev),
+        ]
+        if delta.get("insert_failed") is not None:
+            evidence.append(Evidence("insert_failed_delta", f"conntrack 'insert_failed' rose by "
+                                     f"{delta['insert_failed']}", delta["insert_failed"]))
+        if rules.get("rules"):
+            evidence.append(Evidence("masquerade_rules", "NAT rules " + ("all use --random-fully" if rules["random_fully"]
+                                     else "do not all use --random-fully"), rules))
+        if rules.get("random_fully"):
+            remedy = Remedy("--random-fully is already on: clashes remain possible under very high "
+                            "connection rates to one destination; widen the source port range or add "
+                            "SNAT addresses.", ["sysctl -w net.ipv4.ip_local_port_range='10240 65535'"])
+        else:
+            remedy = Remedy("Randomise NAT port selection fully (iptables >= 1.6.2; kube-proxy, "
+                            "flannel and Cilium have options for it). Reduces, does not eliminate.",
+                            ["iptables -t nat -R POSTROUTING <n> -o <if> -j MASQUERADE --random-fully"])
+        return Finding(self.cause, f"SYN of {ct.orig} dropped: SNAT source port {ct.reply.dst.port} "
+                       f"clashed with another connection at conntrack confirm (client waits >= 1 s)",
+                       "high", evidence, remedy, nat=nat_tuples(ct),
+                       keys=[ct.orig.endpoints()])
+
+
+class ConntrackTableFull(Rule):
+    """New flows dropped because the conntrack table is full: the SYN never got an entry."""
+    cause = "conntrack_table_full"
+    root_cause = True
+    REMEDY = Remedy("Raise the conntrack table size (and its hash size), or find what fills it "
+                    "(conntrack -S, conntrack -L | sort).",
+                    ["sysctl -w net.netfilter.nf_conntrack_max=<2x current>",
+                     "echo <max/4> > /sys/module/nf_conntrack/parameters/hashsize"])
+
+    def explain(self, ev, state):
+        if not (ev.kind == SKB_DROPPED and ev.reason == "NETFILTER_DROP" and ev.is_syn and not ev.has_ct):
+            return None
+        ctx = ev.context
+        full = ctx.ct_count is not None and ctx.ct_max and ctx.ct_count >= ctx.ct_max * 0.9
+        delta = ctx.ct_stats_delta
+        evidence = [segment_evidence(ev),
+                    Evidence("no_conntrack", f"SYN dropped by netfilter at {ev.location or '?'} before it "
+                             "got a conntrack entry", {"has_ct": False}),
+                    Evidence("table", f"conntrack table holds {ctx.ct_count} of {ctx.ct_max} entries",
+                             {"count": ctx.ct_count, "max": ctx.ct_max})]
+        if delta:
+            evidence.append(Evidence("drop_counters", f"conntrack drop +{delta.get('drop')}, "
+                                     f"early_drop +{delta.get('early_drop')}", delta))
+        confidence = "high" if (full or delta.get("drop")) else "low"
+        return Finding(self.cause, f"SYN {ev.flow} dropped: conntrack table full "
+                       f"({ctx.ct_count}/{ctx.ct_max})", confidence, evidence, self.REMEDY,
+                       keys=[ev.flow.endpoints()])
+
+
+class InvalidSegmentDropped(Rule):
+    """A netfilter rule dropped a TCP segment that had no conntrack reference: conntrack
+    found it INVALID and a DROP INVALID rule (the incident-1 remedy) did its job."""
+    cause = "conntrack_invalid_dropped"
+    REMEDY = Remedy("Nothing to fix: an INVALID segment was dropped instead of drawing a RST. "
+                    "Frequent drops mean heavy reordering or loss on the path.")
+
+    def explain(self, ev, state):
+        if not (ev.kind == SKB_DROPPED and ev.reason == "NETFILTER_DROP" and not ev.has_ct
+                and not ev.is_syn):
+            return None
+        return Finding(self.cause, f"INVALID segment {ev.flow} dropped by a netfilter rule (no RST sent)",
+                       "medium", [segment_evidence(ev),
+                                  Evidence("drop", f"kfree_skb NETFILTER_DROP at {ev.location}, no conntrack reference",
+                                           {"reason": ev.reason, "location": ev.location})],
+                       self.REMEDY)
+
+
+class FirewallDrop(Rule):
+    """A tracked packet dropped by a netfilter rule: policy, not conntrack."""
+    cause = "firewall_drop"
+    REMEDY = Remedy("A firewall rule dropped this packet; check the rules of that namespace.",
+                    ["iptables -S; nft list ruleset"])
+
+    def explain(self, ev, state):
+        if not (ev.kind == SKB_DROPPED and ev.reason == "NETFILTER_DROP" and ev.has_ct):
+            return None
+        return Finding(self.cause, f"packet {ev.flow} dropped by a netfilter rule", "medium",
+                       [segment_evidence(ev), Evidence("drop", f"kfree_skb NETFILTER_DROP at {ev.location}",
+                                                       {"location": ev.location,
+                                                        "ct_status": ct_status_names(ev.ct_status)})],
+                       self.REMEDY)
+
+
+# -- ordinary resets -------------------------------------------------------------------
+class ListenOverflow(Rule):
+    """A connection request dropped because the listener's accept queue was full."""
+    cause = "listen_overflow"
+    REMEDY = Remedy("The application does not accept() fast enough: raise its listen backlog "
+                    "and net.core.somaxconn, or accept faster.", ["sysctl -w net.core.somaxconn=4096"])
+
+    def explain(self, ev, state):
+        if not (ev.kind == SKB_DROPPED and ev.reason == "TCP_LISTEN_OVERFLOW"):
+            return None
+        return Finding(self.cause, f"connection request {ev.flow} dropped: listen queue of {ev.flow.dst} full",
+                       "high", [segment_evidence(ev)], self.REMEDY)
 
 
 class NoListener(Rule):
@@ -95,13 +374,12 @@ class NoListener(Rule):
     REMEDY = Remedy("Nothing listens on that port here: start the service or fix the client's "
                     "target address/port. Expected for port scans and health checks of stopped services.")
 
-    def explain(self, ev, related):
+    def explain(self, ev, state):
         if not (ev.kind == RST_SENT and ev.has_skb and ev.is_syn and not ev.has_sock):
             return None
         return Finding(self.cause, f"SYN to {ev.flow.dst} where nothing listens (connection refused)",
-                       "high", [segment_evidence(ev),
-                                Evidence("rst_reason", f"RST for a SYN with no socket (reason {ev.reason or 'n/a'})",
-                                         {"reason": ev.reason, "socket": False})], self.REMEDY)
+                       "high", [segment_evidence(ev), reason_evidence(ev, "a stack with no socket")],
+                       self.REMEDY)
 
 
 class NoConnection(Rule):
@@ -113,18 +391,67 @@ class NoConnection(Rule):
                     "verdict names a root cause, fix that; otherwise look for a restart of the "
                     "local service or a connection idle past a middlebox timeout.")
 
-    def explain(self, ev, related):
-        if not (ev.kind == RST_SENT and ev.has_skb and not ev.is_syn
-                and (not ev.has_sock or ev.sk_state == "LISTEN")):
+    def explain(self, ev, state):
+        if not unknown_segment(ev):
             return None
+        related = state.related(ev)
         summary = f"segment {ev.flow} for a connection this host does not have"
         if related:
             summary += f" (after {related['cause']} on this flow)"
         return Finding(self.cause, summary, "high" if related else "medium",
-                       [segment_evidence(ev), Evidence(
-                           "rst_reason", f"RST from {'the listener' if ev.has_sock else 'no socket'} "
-                           f"(reason {ev.reason or 'n/a'})", {"reason": ev.reason, "socket": ev.sk_state or None})]
+                       [segment_evidence(ev), reason_evidence(ev, "the listener" if ev.has_sock else "no socket")]
                        + related_evidence(related), self.REMEDY, related=related)
+
+
+class TimeWait(Rule):
+    """A segment hit a TIME_WAIT socket and was answered with RST."""
+    cause = "timewait"
+    REMEDY = Remedy("A segment arrived for a connection in TIME_WAIT (late retransmission or "
+                    "port reuse by the peer). Usually harmless; frequent ones mean aggressive "
+                    "source port reuse.")
+
+    def explain(self, ev, state):
+        if not (ev.kind == RST_SENT and (ev.sk_state == "TIME_WAIT" or ev.reason == "TCP_TIMEWAIT_SOCKET")):
+            return None
+        return Finding(self.cause, f"segment {ev.flow} hit a TIME_WAIT socket", "high",
+                       ([segment_evidence(ev)] if ev.has_skb else []) + [reason_evidence(ev, "a TIME_WAIT socket")],
+                       self.REMEDY)
+
+
+class KeepaliveTimeout(Rule):
+    """The local stack gave up on a connection whose keepalive probes went unanswered."""
+    cause = "keepalive_timeout"
+    REMEDY = Remedy("The peer stopped answering keepalive probes (peer gone, path broken, or a "
+                    "middlebox dropped the flow). Check the path and the peer.")
+
+    def explain(self, ev, state):
+        if not (ev.kind == RST_SENT and ev.reason == "TCP_KEEPALIVE_TIMEOUT"):
+            return None
+        return Finding(self.cause, f"keepalive timeout on {ev.flow}: connection reset by this host",
+                       "high", [reason_evidence(ev, "the keepalive timer")], self.REMEDY)
+
+
+class AppAbort(Rule):
+    """The local application aborted the connection: close() with unread data, SO_LINGER
+    with a zero timeout, or memory pressure. The kernel's reason says which (>= 6.10)."""
+    cause = "app_abort"
+    WHY = {"TCP_ABORT_ON_CLOSE": "close() with unread data in the receive queue",
+           "TCP_ABORT_ON_LINGER": "close() with SO_LINGER set to 0",
+           "TCP_ABORT_ON_DATA": "data arrived after the application shut the socket",
+           "TCP_ABORT_ON_MEMORY": "the socket was aborted under memory pressure",
+           "TCP_DISCONNECT_WITH_DATA": "disconnect with unsent/unread data"}
+    REMEDY = Remedy("The application on this host reset its own connection; usually deliberate. "
+                    "If not: read all data before close(), and do not set SO_LINGER 0.")
+
+    def explain(self, ev, state):
+        if not (ev.kind == RST_SENT and ev.has_sock and (ev.reason in ABORT_REASONS or
+                                                          (not ev.has_skb and not ev.reason))):
+            return None
+        why = self.WHY.get(ev.reason, "an active reset by the local application")
+        return Finding(self.cause, f"{ev.comm or 'the application'} reset {ev.flow}: {why}",
+                       "high" if ev.reason in ABORT_REASONS else "medium",
+                       [reason_evidence(ev, f"the application's socket ({ev.comm}, pid {ev.pid})")],
+                       self.REMEDY)
 
 
 class PeerReset(Rule):
@@ -133,9 +460,10 @@ class PeerReset(Rule):
     REMEDY = Remedy("The remote end reset the connection. If a related verdict names a root "
                     "cause on this host, fix that; otherwise look at the peer's own tracer output.")
 
-    def explain(self, ev, related):
+    def explain(self, ev, state):
         if ev.kind != RST_RECEIVED:
             return None
+        related = state.related(ev)
         if ev.sk_state == "SYN_SENT":
             summary = f"connection to {ev.flow.src} refused (RST answered our SYN)"
         else:
@@ -148,39 +476,23 @@ class PeerReset(Rule):
                        self.REMEDY, related=related)
 
 
-class InvalidSegmentDropped(Rule):
-    """A netfilter rule dropped a TCP segment that had no conntrack reference: conntrack
-    found it INVALID and a DROP INVALID rule (the incident-1 remedy) did its job."""
-    cause = "conntrack_invalid_dropped"
-    REMEDY = Remedy("Nothing to fix: an INVALID segment was dropped instead of drawing a RST. "
-                    "Frequent drops mean heavy reordering or loss on the path.")
-
-    def explain(self, ev, related):
-        if not (ev.kind == SKB_DROPPED and ev.reason == "NETFILTER_DROP" and not ev.has_ct
-                and not ev.is_syn):
-            return None
-        return Finding(self.cause, f"INVALID segment {ev.flow} dropped by a netfilter rule (no RST sent)",
-                       "medium", [segment_evidence(ev),
-                                  Evidence("drop", f"kfree_skb NETFILTER_DROP at {ev.location}, no conntrack reference",
-                                           {"reason": ev.reason, "location": ev.location})],
-                       self.REMEDY)
-
-
 class Unexplained(Rule):
     """Anything no rule understands: never dropped, reported with every raw fact."""
     cause = "unexplained"
     REMEDY = Remedy("Not attributed: the raw facts are in the evidence. Please report it with a "
                     "recording (rst-tracer watch --record FILE).")
 
-    def explain(self, ev, related):
+    def explain(self, ev, state):
+        related = state.related(ev)
         facts = ev.to_dict()
-        facts.pop("context", None)
         facts["ct_status_names"] = ct_status_names(ev.ct_status)
-        facts["context"] = ev.context.to_dict()
         return Finding(self.cause, f"{ev.kind} {ev.flow or ''} not attributed", "low",
                        [Evidence("raw_event", "all facts the probes and context gathered", facts)]
                        + related_evidence(related), self.REMEDY, related=related)
 
 
-RULES = (ConntrackInvalidUnnat(), NoListener(), NoConnection(), PeerReset(), InvalidSegmentDropped(),
+RULES = (ConntrackInvalidUnnat(), ConntrackFlushed(), ConntrackExpired(), SnatPortClash(),
+         ConntrackTableFull(), InvalidSegmentDropped(), FirewallDrop(), ListenOverflow(),
+         NoListener(), NoConnection(), TimeWait(), KeepaliveTimeout(), AppAbort(), PeerReset(),
          Unexplained())
+CAUSES = tuple(r.cause for r in RULES)

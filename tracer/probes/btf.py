@@ -130,6 +130,9 @@ class BTF:
             raise BTFError(f"struct {struct_name}.{path} is a bitfield")
         return bits // 8
 
+    def sizeof(self, struct_name: str) -> int:
+        return self.types[self._lookup("struct " + struct_name)].size_or_type
+
     def has_member(self, struct_name: str, path: str) -> bool:
         try:
             self.offsetof(struct_name, path)

@@ -39,7 +39,16 @@ OFFSETS = {
     "OFF_SOCK_SKC_NUM": ("sock", "__sk_common.skc_num"),
     "OFF_SOCK_SKC_V6_DADDR": ("sock", "__sk_common.skc_v6_daddr"),
     "OFF_SOCK_SKC_V6_RCV_SADDR": ("sock", "__sk_common.skc_v6_rcv_saddr"),
+    "OFF_NF_CONN_TUPLEHASH": ("nf_conn", "tuplehash"),
+    "OFF_TUPLE_HASH_TUPLE": ("nf_conntrack_tuple_hash", "tuple"),
+    "OFF_TUPLE_SRC_U3": ("nf_conntrack_tuple", "src.u3"),
+    "OFF_TUPLE_SRC_PORT": ("nf_conntrack_tuple", "src.u.all"),
+    "OFF_TUPLE_DST_U3": ("nf_conntrack_tuple", "dst.u3"),
+    "OFF_TUPLE_DST_PORT": ("nf_conntrack_tuple", "dst.u.all"),
+    "OFF_TASK_NSPROXY": ("task_struct", "nsproxy"),
+    "OFF_NSPROXY_NET_NS": ("nsproxy", "net_ns"),
 }
+SIZES = {"SIZEOF_TUPLE_HASH": "nf_conntrack_tuple_hash"}
 RINGBUF_PAGES = 512  # 2 MiB: ~17k events of slack before anything is lost
 
 
@@ -51,6 +60,7 @@ def kernel_defines(btf: BTF) -> dict:
     """Every per-kernel value the C code needs, from BTF."""
     try:
         defines = {name: btf.offsetof(s, m) for name, (s, m) in OFFSETS.items()}
+        defines.update({name: btf.sizeof(s) for name, s in SIZES.items()})
         defines["TCP_SEND_RESET_ARITY"] = btf.tracepoint_arity("tcp_send_reset")
     except BTFError as e:
         raise LoadError(str(e)) from e

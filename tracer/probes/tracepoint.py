@@ -5,12 +5,15 @@ from __future__ import annotations
 import ctypes
 import time
 
+from ..decode import Kallsyms
 from .btf import BTF
 from .capabilities import Capabilities
 from .loader import compile_program, kernel_defines
 
 # kfree_skb reasons worth a user-space event; every other drop is filtered in the kernel
 WANTED_DROP_REASONS = ("NETFILTER_DROP", "TCP_LISTEN_OVERFLOW")
+# the masquerade notifiers whose runs flush conntrack entries (index = BPF array slot)
+MASQ_NOTIFIERS = ("masq_inet_event", "masq_inet6_event", "masq_device_event")
 
 
 class TracepointBackend:
@@ -31,7 +34,23 @@ class TracepointBackend:
             code = drop.get("SKB_DROP_REASON_" + name)
             if code is not None and code < 256:
                 table[ctypes.c_int(code)] = ctypes.c_uint8(1)
+        self._notifiers_known = 0
+        self.refresh()
         self.attach_seconds = time.monotonic() - t0
+
+    def refresh(self) -> None:
+        """Look the masquerade notifiers up again: nf_nat may be a module loaded later."""
+        if self._notifiers_known == len(MASQ_NOTIFIERS):
+            return
+        ksyms = Kallsyms()
+        table = self.bpf["masq_notifiers"]
+        known = 0
+        for i, name in enumerate(MASQ_NOTIFIERS):
+            addr = ksyms.address(name)
+            if addr:
+                table[ctypes.c_int(i)] = ctypes.c_uint64(addr)
+                known += 1
+        self._notifiers_known = known
 
     def open(self, on_raw) -> None:
         """Deliver each raw record (bytes) to on_raw from poll()."""
@@ -49,7 +68,7 @@ class TracepointBackend:
         return sum(int(v) for v in self.bpf["lost_events"][ctypes.c_int(0)]) if self.bpf else 0
 
     def probes(self) -> list:
-        return ["tcp:tcp_send_reset", "tcp:tcp_receive_reset", "skb:kfree_skb"]
+        return ["tcp:tcp_send_reset", "tcp:tcp_receive_reset", "skb:kfree_skb", "notifier:notifier_run"]
 
     def detach(self) -> None:
         if self.bpf is not None:

@@ -1,0 +1,122 @@
+"""What the attribution remembers between events, bounded in size and age: root-cause
+verdicts per flow, recent conntrack deletions, and the address/device events that flush
+entries."""
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..events import ADDR_REMOVED, LINK_DOWN, MASQ_NOTIFIER, ConntrackEntry, KernelEvent, Tuple
+
+# a deletion is blamed on an address/device event this close to it (the masquerade
+# cleanup runs from a work queue since 5.15, so the deletions may trail the event)
+TRIGGER_WINDOW_S = 5.0
+# an entry deleted with at most this much of its timeout left expired
+EXPIRED_TIMEOUT_LEFT_S = 1
+
+
+class BoundedMap:
+    """An LRU map whose entries also expire after `ttl` seconds of event time."""
+
+    def __init__(self, ttl: float, max_entries: int):
+        self.ttl, self.max_entries = ttl, max_entries
+        self._items: OrderedDict = OrderedDict()
+
+    def put(self, key, value, now: float) -> None:
+        self._items[key] = (now, value)
+        self._items.move_to_end(key)
+        while len(self._items) > self.max_entries:
+            self._items.popitem(last=False)
+
+    def get(self, key, now: float):
+        hit = self._items.get(key)
+        if hit is None or now - hit[0] > self.ttl:
+            return None
+        return hit
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class Deletion:
+    netns: int
+    ts: float
+    entry: ConntrackEntry
+    sysctls: dict = field(default_factory=dict)
+
+    @property
+    def expired(self) -> bool:
+        return self.entry.timeout <= EXPIRED_TIMEOUT_LEFT_S
+
+
+@dataclass
+class Trigger:
+    kind: str
+    netns: int
+    netns_name: str
+    ts: float
+    ifname: str = ""
+    address: str = ""
+    notifier: str = ""
+
+    def describe(self) -> str:
+        if self.kind == ADDR_REMOVED:
+            return f"removal of address {self.address} from {self.ifname or 'an interface'}"
+        if self.kind == LINK_DOWN:
+            return f"interface {self.ifname or '?'} going down"
+        return f"the masquerade notifier {self.notifier or '?'}"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "netns": self.netns, "ifname": self.ifname,
+                "address": self.address, "notifier": self.notifier, "ts": self.ts}
+
+
+class AttributionState:
+    def __init__(self, memory_ttl: float = 3600.0, max_entries: int = 100_000):
+        self._verdicts = BoundedMap(memory_ttl, max_entries)
+        self._by_reply = BoundedMap(memory_ttl, max_entries)
+        self._by_orig = BoundedMap(memory_ttl, max_entries)
+        self._triggers: dict = {}   # netns -> deque of Trigger
+        self.now = 0.0
+
+    # -- root-cause verdicts ---------------------------------------------------------
+    def remember(self, keys: list, record: dict, now: float) -> None:
+        for key in keys:
+            self._verdicts.put(key, record, now)
+
+    def related(self, ev: KernelEvent) -> Optional[dict]:
+        hit = self._verdicts.get(ev.flow.endpoints(), ev.ts) if ev.flow else None
+        if hit is None:
+            return None
+        return dict(hit[1], age_s=round(ev.ts - hit[0], 6))
+
+    # -- conntrack deletions -----------------------------------------------------------
+    def add_deletion(self, ev: KernelEvent) -> None:
+        d = Deletion(ev.netns, ev.ts, ev.entry, ev.context.sysctls)
+        self._by_reply.put((ev.netns, ev.entry.reply), d, ev.ts)
+        self._by_orig.put((ev.netns, ev.entry.orig), d, ev.ts)
+
+    def deletion_by_reply(self, netns: int, reply: Tuple) -> Optional[Deletion]:
+        hit = self._by_reply.get((netns, reply), self.now)
+        return hit[1] if hit else None
+
+    def deletion_by_orig(self, netns: int, orig: Tuple) -> Optional[Deletion]:
+        hit = self._by_orig.get((netns, orig), self.now)
+        return hit[1] if hit else None
+
+    # -- what flushes entries ------------------------------------------------------------
+    def add_trigger(self, ev: KernelEvent) -> None:
+        t = Trigger(ev.kind, ev.netns, ev.context.netns_name, ev.ts, ev.context.ifname, ev.address,
+                    ev.notifier)
+        self._triggers.setdefault(ev.netns, deque(maxlen=256)).append(t)
+
+    def trigger_near(self, netns: int, ts: float) -> Optional[Trigger]:
+        """The address/device event closest to a deletion in that namespace, if any is
+        within TRIGGER_WINDOW_S (an address removal is the most telling of them)."""
+        near = [t for t in self._triggers.get(netns, ()) if abs(ts - t.ts) <= TRIGGER_WINDOW_S]
+        if not near:
+            return None
+        rank = {ADDR_REMOVED: 0, LINK_DOWN: 1, MASQ_NOTIFIER: 2}
+        return min(near, key=lambda t: (rank.get(t.kind, 3), abs(ts - t.ts)))
