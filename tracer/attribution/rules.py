@@ -89,7 +89,7 @@ class ConntrackInvalidUnnat(Rule):
         if ct is not None and ct.nat and ct.reply == ev.flow and not ev.has_sock:
             return self._snat_side(ev, ct)
         for hit in ev.context.nat_elsewhere:
-            if hit["match"] == "reply" and not state.deletion_by_orig(hit["netns"], hit["entry"].orig):
+            if hit["match"] == "reply" and not state.deletions_by_orig(hit["netns"], hit["entry"].orig):
                 return self._dnat_side(ev, hit)
         return None
 
@@ -138,21 +138,25 @@ def deletion_for(ev: KernelEvent, state: AttributionState):
     """The deleted NAT entry an unknown segment belonged to, and how it shows:
     - "unnated": the segment is the reply tuple of an entry deleted in this namespace (a
       server sent first, its packet was not de-NATed and reached this host's stack);
-    - "renated": a router namespace NATs this segment's flow with a *new* entry whose
-      original tuple is that of a deleted one (the client was re-SNATed to a new port)."""
-    if not unknown_segment(ev) or ev.has_sock:
-        gone = None
-    else:
+    - "renated": a router namespace NATed this segment's flow with a *new* entry whose
+      original tuple is that of a deleted one (the client was re-SNATed to a new port).
+      The new entry is found alive, or among deletions: conntrack kills a not-yet-assured
+      entry as soon as the server's RST passes back through it."""
+    if not unknown_segment(ev):
+        return None, "", None
+    if not ev.has_sock:
         gone = state.deletion_by_reply(ev.netns, ev.flow)
-    if gone is not None:
-        return gone, "unnated", None
-    if unknown_segment(ev):
-        for hit in ev.context.nat_elsewhere:
-            if hit["match"] != "reply_reversed":
-                continue
-            old = state.deletion_by_orig(hit["netns"], hit["entry"].orig)
-            if old is not None and old.entry.reply != hit["entry"].reply:
-                return old, "renated", hit
+        if gone is not None:
+            return gone, "unnated", None
+    successors = [(hit["netns"], hit["entry"]) for hit in ev.context.nat_elsewhere
+                  if hit["match"] == "reply_reversed"]
+    killed = state.deletion_by_reply_anywhere(ev.flow.reversed())
+    if killed is not None:
+        successors.append((killed.netns, killed.entry))
+    for netns, new in successors:
+        for old in state.deletions_by_orig(netns, new.orig):
+            if old.entry.reply != new.reply:
+                return old, "renated", {"netns": netns, "entry": new}
     return None, "", None
 
 

@@ -76,8 +76,9 @@ class Trigger:
 class AttributionState:
     def __init__(self, memory_ttl: float = 3600.0, max_entries: int = 100_000):
         self._verdicts = BoundedMap(memory_ttl, max_entries)
-        self._by_reply = BoundedMap(memory_ttl, max_entries)
-        self._by_orig = BoundedMap(memory_ttl, max_entries)
+        self._by_reply = BoundedMap(memory_ttl, max_entries)      # (netns, reply) -> Deletion
+        self._by_reply_any = BoundedMap(memory_ttl, max_entries)  # reply -> Deletion
+        self._by_orig = BoundedMap(memory_ttl, max_entries)       # (netns, orig) -> [Deletion]
         self._triggers: dict = {}   # netns -> deque of Trigger
         self.now = 0.0
 
@@ -96,15 +97,22 @@ class AttributionState:
     def add_deletion(self, ev: KernelEvent) -> None:
         d = Deletion(ev.netns, ev.ts, ev.entry, ev.context.sysctls)
         self._by_reply.put((ev.netns, ev.entry.reply), d, ev.ts)
-        self._by_orig.put((ev.netns, ev.entry.orig), d, ev.ts)
+        self._by_reply_any.put(ev.entry.reply, d, ev.ts)
+        # several entries of one inside flow: the flushed one, then its re-NATed successor
+        earlier = self._by_orig.get((ev.netns, ev.entry.orig), ev.ts)
+        self._by_orig.put((ev.netns, ev.entry.orig), ((earlier[1] if earlier else []) + [d])[-4:], ev.ts)
 
     def deletion_by_reply(self, netns: int, reply: Tuple) -> Optional[Deletion]:
         hit = self._by_reply.get((netns, reply), self.now)
         return hit[1] if hit else None
 
-    def deletion_by_orig(self, netns: int, orig: Tuple) -> Optional[Deletion]:
-        hit = self._by_orig.get((netns, orig), self.now)
+    def deletion_by_reply_anywhere(self, reply: Tuple) -> Optional[Deletion]:
+        hit = self._by_reply_any.get(reply, self.now)
         return hit[1] if hit else None
+
+    def deletions_by_orig(self, netns: int, orig: Tuple) -> list:
+        hit = self._by_orig.get((netns, orig), self.now)
+        return hit[1] if hit else []
 
     # -- what flushes entries ------------------------------------------------------------
     def add_trigger(self, ev: KernelEvent) -> None:
