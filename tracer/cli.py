@@ -175,6 +175,51 @@ def replay(path, as_json, verbose):
         raise Failure(str(e)) from None
 
 
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def summary(paths, as_json):
+    """Counts by cause and namespace over a run.
+
+    Reads JSON lines from `watch --json` (files, or - for stdin) or recordings from
+    `watch --record` (replayed).
+
+    \b
+    Examples:
+      rst-tracer watch --json --duration 600 > run.jsonl; rst-tracer summary run.jsonl
+      rst-tracer summary run.rec
+    """
+    from .attribution import Attributor
+    from .recording import FORMAT, RecordingError, read_recording
+    from .summary import Summary
+
+    total = Summary()
+    for path in paths or ("-",):
+        stream = click.open_file(path, "rb")
+        head = stream.peek(64)[:64] if hasattr(stream, "peek") else b""
+        if FORMAT.encode() in head:
+            stream.close()
+            try:
+                header, events = read_recording(path)
+                att = Attributor(header.get("backend", "replay"), header.get("host"),
+                                 id_prefix=header.get("id_prefix"))
+                for ev in events:
+                    v = att.feed(ev)
+                    if v is not None:
+                        total.add(v.to_dict())
+            except RecordingError as e:
+                raise Failure(str(e)) from None
+            continue
+        for n, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                total.add(json.loads(line))
+            except (ValueError, KeyError) as e:
+                raise Failure(f"{path}:{n}: not a rst-tracer JSON record ({e.__class__.__name__})") from None
+    click.echo(json.dumps(total.to_dict(), indent=2) if as_json else total.format())
+
+
 def main(argv=None) -> None:
     try:
         cli.main(args=argv, prog_name="rst-tracer", standalone_mode=False)

@@ -14,6 +14,7 @@ from .decode import DecodeError, KernelNames, decode
 from .filters import VerdictFilter
 from .recording import Recorder
 from .schema import loss_record, status_record
+from .summary import Summary
 
 log = structlog.get_logger("rst-tracer")
 LOSS_CHECK_INTERVAL = 0.5
@@ -44,11 +45,13 @@ class Watch:
         self.verdicts = 0
         self.decode_errors = 0
         self.context_errors = 0
+        self.summary = Summary()
         self._lost_reported = 0
         self._decode_reported = 0
         self._pending: list = []
 
     def emit(self, record: dict) -> None:
+        self.summary.add(record)
         for sink in self.sinks:
             sink.emit(record)
 
@@ -130,5 +133,6 @@ class Watch:
             if self.recorder is not None:
                 self.recorder.close()
         self.emit(status_record(time.time(), self.host, "detached", verdicts=self.verdicts,
-                                lost_total=self._lost_reported, context_errors=self.context_errors))
+                                lost_total=self._lost_reported, context_errors=self.context_errors,
+                                summary=self.summary.to_dict()))
         return 0
