@@ -146,6 +146,10 @@ class NatLab:
         self.procs.append(p)
         return p
 
+    def capture_points(self) -> list:
+        """Every lab interface, as (namespace, interface)."""
+        return [(self.cli, "c0"), (self.nat, "n1"), (self.nat, "n2"), (self.srv, "s0")]
+
     def netns_inode(self, ns: str) -> int:
         return os.stat(f"/run/netns/{ns}").st_ino
 
