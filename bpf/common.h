@@ -189,6 +189,8 @@ static __always_inline void fill_from_sock(struct rst_event *e, u64 sk, int tupl
     }
     e->sport = bpf_ntohs(rd16(sk + OFF_SOCK_SKC_DPORT));
     e->dport = rd16(sk + OFF_SOCK_SKC_NUM);
+    if (!e->dport)  // a socket being destroyed has released its bound port number
+        e->dport = bpf_ntohs(rd16(sk + OFF_INET_SOCK_INET_SPORT));
 }
 
 #endif

@@ -253,13 +253,13 @@ class NetnsHandles:
         return totals
 
     def stats_delta(self, inode: int):
-        """(rise of each counter since the previous look — or since the namespace was
-        first seen, its counters having started at zero — , entries in the table)."""
+        """(rise of each counter since the tracer started watching the namespace — for one
+        created later, since its creation: its counters started at zero — , entries now).
+        Not consumed by reading: every verdict of a run sees the same baseline."""
         now = self.stats(inode)
         if now is None:
             return {}, None
         before = self._stats_seen.get(inode, {})
-        self._stats_seen[inode] = now
         return {k: now[k] - before.get(k, 0) for k in STATS_KEYS}, now["count"]
 
     def baseline(self) -> None:

@@ -58,11 +58,11 @@ def test_closed_port_is_ordinary(fixtures):
 def test_anything_unknown_is_unexplained_with_raw_facts():
     ev = KernelEvent(kind=RST_SENT, ts=1.0, ts_ns=1, netns=1, ifindex=0,
                      flow=Tuple(Endpoint("192.0.2.1", 1), Endpoint("192.0.2.2", 2)),
-                     has_skb=False, has_sock=True, sk_state="ESTABLISHED", reason="TCP_STATE")
+                     has_skb=True, has_sock=True, sk_state="SYN_RECV", reason="TCP_INVALID_ACK_SEQUENCE")
     v = Attributor("tracepoint", "h").feed(ev).to_dict()
     assert v["cause"] == "unexplained" and v["confidence"] == "low"
     raw = v["evidence"][0]["value"]
-    assert raw["reason"] == "TCP_STATE" and raw["flow"]["src"] == "192.0.2.1"
+    assert raw["reason"] == "TCP_INVALID_ACK_SEQUENCE" and raw["flow"]["src"] == "192.0.2.1"
 
 
 def test_flow_memory_is_bounded():

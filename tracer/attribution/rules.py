@@ -11,10 +11,6 @@ from ..events import (IPS_CONFIRMED, IPS_SRC_NAT, RST_RECEIVED, RST_SENT, SKB_DR
 from ..schema import Evidence, Remedy
 from .state import AttributionState, Deletion
 
-ABORT_REASONS = {"TCP_ABORT_ON_CLOSE", "TCP_ABORT_ON_LINGER", "TCP_ABORT_ON_DATA",
-                 "TCP_ABORT_ON_MEMORY", "TCP_DISCONNECT_WITH_DATA"}
-
-
 @dataclass
 class Finding:
     cause: str
@@ -97,7 +93,7 @@ class ConntrackInvalidUnnat(Rule):
         if not delta or delta.get("invalid") is None:
             return []
         return [Evidence("ct_invalid_delta", f"conntrack 'invalid' counter rose by {delta['invalid']} "
-                         f"in {where}", delta["invalid"])]
+                         f"in {where} since the tracer started watching it", delta["invalid"])]
 
     def _snat_side(self, ev, ct):
         inside, outside = ct.orig, ct.reply.reversed()
@@ -277,7 +273,8 @@ class SnatPortClash(Rule):
         ]
         if delta.get("insert_failed") is not None:
             evidence.append(Evidence("insert_failed_delta", f"conntrack 'insert_failed' rose by "
-                                     f"{delta['insert_failed']}", delta["insert_failed"]))
+                                     f"{delta['insert_failed']} since the tracer started watching this "
+                                     f"namespace", delta["insert_failed"]))
         if rules.get("rules"):
             evidence.append(Evidence("masquerade_rules", "NAT rules " + ("all use --random-fully" if rules["random_fully"]
                                      else "do not all use --random-fully"), rules))
@@ -443,17 +440,19 @@ class AppAbort(Rule):
            "TCP_ABORT_ON_LINGER": "close() with SO_LINGER set to 0",
            "TCP_ABORT_ON_DATA": "data arrived after the application shut the socket",
            "TCP_ABORT_ON_MEMORY": "the socket was aborted under memory pressure",
-           "TCP_DISCONNECT_WITH_DATA": "disconnect with unsent/unread data"}
+           "TCP_DISCONNECT_WITH_DATA": "disconnect with unsent/unread data",
+           "TCP_STATE": "the application closed or disconnected a connection that needed a reset "
+                        "(tcp_disconnect, or a listener closed with connections not yet accepted)"}
     REMEDY = Remedy("The application on this host reset its own connection; usually deliberate. "
                     "If not: read all data before close(), and do not set SO_LINGER 0.")
 
     def explain(self, ev, state):
-        if not (ev.kind == RST_SENT and ev.has_sock and (ev.reason in ABORT_REASONS or
-                                                          (not ev.has_skb and not ev.reason))):
+        if not (ev.kind == RST_SENT and ev.has_sock and not ev.has_skb and
+                (ev.reason in self.WHY or not ev.reason)):
             return None
         why = self.WHY.get(ev.reason, "an active reset by the local application")
         return Finding(self.cause, f"{ev.comm or 'the application'} reset {ev.flow}: {why}",
-                       "high" if ev.reason in ABORT_REASONS else "medium",
+                       "high" if ev.reason in self.WHY else "medium",
                        [reason_evidence(ev, f"the application's socket ({ev.comm}, pid {ev.pid})")],
                        self.REMEDY)
 

@@ -39,6 +39,7 @@ OFFSETS = {
     "OFF_SOCK_SKC_NUM": ("sock", "__sk_common.skc_num"),
     "OFF_SOCK_SKC_V6_DADDR": ("sock", "__sk_common.skc_v6_daddr"),
     "OFF_SOCK_SKC_V6_RCV_SADDR": ("sock", "__sk_common.skc_v6_rcv_saddr"),
+    "OFF_INET_SOCK_INET_SPORT": ("inet_sock", "inet_sport"),
     "OFF_NF_CONN_TUPLEHASH": ("nf_conn", "tuplehash"),
     "OFF_TUPLE_HASH_TUPLE": ("nf_conntrack_tuple_hash", "tuple"),
     "OFF_TUPLE_SRC_U3": ("nf_conntrack_tuple", "src.u3"),
