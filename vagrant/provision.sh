@@ -100,6 +100,7 @@ export DEBIAN_FRONTEND=noninteractive
 # tshark: answer "should non-superusers be able to capture packets?" with no, silently.
 echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
 
+apt_updated=
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
@@ -107,6 +108,7 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   log "apt-get install ${missing[*]}"
   apt-get update -q
+  apt_updated=1
   # No recommends: they would add build-essential, firmware, GUI bits; nothing here needs them.
   apt-get install -y -q --no-install-recommends "${missing[@]}"
 else
@@ -118,6 +120,7 @@ if [ "$context" != image ]; then
   # the newest kernel; get the running one's too when the archive still has them.
   running=$(uname -r)
   if [ ! -e "/lib/modules/$running/build" ]; then
+    [ -n "$apt_updated" ] || apt-get update -q
     apt-get install -y -q --no-install-recommends "linux-headers-$running" ||
       log "WARNING: no headers for the running kernel $running: reboot into the newest kernel (vagrant reload)"
   fi

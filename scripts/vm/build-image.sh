@@ -247,7 +247,7 @@ INIT
 chmod 755 "$ROOTFS/usr/local/sbin/vm-run"
 echo rst-vm >"$ROOTFS/etc/hostname"
 printf '127.0.0.1 localhost\n127.0.1.1 rst-vm\n::1 localhost ip6-localhost ip6-loopback\n' >"$ROOTFS/etc/hosts"
-[ -e "$ROOTFS/etc/mtab" ] || ln -s /proc/self/mounts "$ROOTFS/etc/mtab"
+[ -e "$ROOTFS/etc/mtab" ] || [ -L "$ROOTFS/etc/mtab" ] || ln -s ../proc/self/mounts "$ROOTFS/etc/mtab"
 
 # --- disk image -----------------------------------------------------------------------
 mkdir -p "$WORK/img"
