@@ -67,9 +67,39 @@ def cli():
     """
 
 
+class OutputParam(click.ParamType):
+    name = "SPEC"
+
+    def convert(self, value, param, ctx):
+        from .sinks.outputs import parse_spec
+        try:
+            return parse_spec(value)
+        except ValueError as e:
+            self.fail(f"{value!r}: {e}", param, ctx)
+
+
+class ListenParam(click.ParamType):
+    name = "ADDR:PORT"
+
+    def convert(self, value, param, ctx):
+        from .sinks.metrics import parse_listen
+        try:
+            return parse_listen(value)
+        except ValueError as e:
+            self.fail(f"{value!r}: {e}", param, ctx)
+
+
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of human lines.")
+@click.option("--json", "as_json", is_flag=True, help="JSON lines instead of human lines (stdout).")
 @click.option("-v", "--verbose", is_flag=True, help="Show evidence and full remedies.")
+@click.option("--output", "outputs", multiple=True, type=OutputParam(),
+              help="Where records go; repeatable (default: stdout). SPEC is stdout, "
+                   "file:/path[?max_bytes=N&backups=K], unix:/path, tcp:HOST:PORT (JSON lines) "
+                   "or fluent:HOST:PORT[?tag=T&ack=true] (Fluentd Forward). Network and file "
+                   "outputs queue up to queue=N records (default 10000) while the destination "
+                   "is down, and never slow the tracer down.")
+@click.option("--metrics", "metrics", type=ListenParam(),
+              help="Serve Prometheus metrics on ADDR:PORT (e.g. 127.0.0.1:9464; :9464 for all).")
 @click.option("--netns", "netns", multiple=True, type=NetnsParam(),
               help="Only this network namespace (inode or name as in `ip netns`); repeatable.")
 @click.option("--port", "ports", multiple=True, type=click.IntRange(1, 65535),
@@ -82,7 +112,7 @@ def cli():
               help="Also write the raw events and their context to FILE (see `replay`).")
 @click.option("--duration", type=click.FloatRange(min=0), default=0,
               help="Stop after this many seconds (0: until SIGINT/SIGTERM).")
-def watch(as_json, verbose, netns, ports, hosts, backend, record_path, duration):
+def watch(as_json, verbose, outputs, metrics, netns, ports, hosts, backend, record_path, duration):
     """Attach the probes and print a verdict for every reset and conntrack drop.
 
     \b
@@ -90,11 +120,13 @@ def watch(as_json, verbose, netns, ports, hosts, backend, record_path, duration)
       rst-tracer watch
       rst-tracer watch --json --port 6379
       rst-tracer watch --netns 4026532246 --host 10.0.0.7 -v
+      rst-tracer watch --output stdout --output tcp:127.0.0.1:5170 --metrics :9464
+      rst-tracer watch --output 'file:/var/log/rst-tracer.jsonl?max_bytes=50M&backups=5'
+      rst-tracer watch --output 'fluent:127.0.0.1:24224?tag=rst-tracer&ack=true'
     """
     configure_logging(verbose)
     from .filters import VerdictFilter
     from .probes import capabilities
-    from .sinks import HumanSink, JsonLinesSink
 
     if not capabilities.is_privileged():
         raise Failure("must run as root (or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN) to load BPF programs")
@@ -112,16 +144,32 @@ def watch(as_json, verbose, netns, ports, hosts, backend, record_path, duration)
     except BTFError as e:
         raise Failure(str(e)) from None
     probe_backend = {"tracepoint": TracepointBackend}[chosen](caps, btf)
-    sink = JsonLinesSink() if as_json or not sys.stdout.isatty() else HumanSink(verbose=verbose)
+    from .sinks.metrics import MetricsSink
+    from .sinks.outputs import build_all, parse_spec
+
+    # an unreachable destination only logs a warning: its sink queues and retries in the background
+    sinks = build_all(outputs or [parse_spec("stdout")], as_json=as_json, verbose=verbose)
     try:
-        w = Watch(probe_backend, btf, [sink],
-                  VerdictFilter(netns=set(netns), ports=set(ports), hosts=set(hosts)), record_path)
-    except OSError as e:
-        raise Failure(f"cannot write recording {record_path}: {e.strerror}") from None
-    try:
-        w.run(duration)
-    except LoadError as e:
-        raise Failure(str(e)) from None
+        if metrics:
+            metrics_sink = MetricsSink(outputs=sinks)
+            try:
+                metrics_sink.serve(*metrics)
+            except OSError as e:
+                raise Failure(f"cannot serve metrics on {metrics[0]}:{metrics[1]}: "
+                              f"{e.strerror or e}") from None
+            sinks.append(metrics_sink)
+        try:
+            w = Watch(probe_backend, btf, sinks,
+                      VerdictFilter(netns=set(netns), ports=set(ports), hosts=set(hosts)), record_path)
+        except OSError as e:
+            raise Failure(f"cannot write recording {record_path}: {e.strerror}") from None
+        try:
+            w.run(duration)
+        except LoadError as e:
+            raise Failure(str(e)) from None
+    finally:
+        for sink in sinks:   # flush the queues (up to 5 s each); closing twice is harmless
+            sink.close()
 
 
 @cli.command()

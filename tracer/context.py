@@ -9,6 +9,7 @@ reproduces live verdicts exactly.
 """
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import select
@@ -18,12 +19,11 @@ import subprocess
 import time
 
 import structlog
-from pyroute2 import Conntrack, NetNS
+from pyroute2 import Conntrack
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple, nfct_msg
+from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-from pyroute2.netns import create_socket, popns, pushns
 
 from .events import (ADDR_REMOVED, CT_DESTROY, IPS_DST_NAT, IPS_SRC_NAT, LINK_DOWN, RST_SENT,
                      SKB_DROPPED, ConntrackEntry, Endpoint, KernelEvent, Tuple)
@@ -46,6 +46,7 @@ RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
 RTM_NEWLINK, RTM_DELLINK, RTM_DELADDR = 16, 17, 21
 IPCTNL_MSG_CT_DELETE = 2
 IFF_UP = 0x1
+SO_RCVBUFFORCE = 33
 
 
 class NetnsDirectory:
@@ -126,20 +127,90 @@ def entry_from_netlink(msg) -> ConntrackEntry:
                           timeout=msg.get_attr("CTA_TIMEOUT") or 0)
 
 
-def _is_tcp(msg) -> bool:
-    orig = msg.get_attr("CTA_TUPLE_ORIG")
-    proto = orig.get_attr("CTA_TUPLE_PROTO") if orig else None
-    return bool(proto) and proto.get_attr("CTA_PROTO_NUM") == 6
+def _nla(data: bytes, off: int, end: int):
+    """Netlink attributes in data[off:end] as (type without flags, payload offset, end)."""
+    while off + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, off)
+        if length < 4:
+            return
+        yield kind & 0x3FFF, off + 4, off + length
+        off += (length + 3) & ~3
+
+
+def _tuple_from_raw(data: bytes, off: int, end: int):
+    src = dst = None
+    proto = sport = dport = 0
+    for kind, a, b in _nla(data, off, end):
+        if kind == 1:    # CTA_TUPLE_IP
+            for k, x, y in _nla(data, a, b):
+                if k in (1, 3):      # CTA_IP_V4_SRC / CTA_IP_V6_SRC
+                    src = socket.inet_ntop(socket.AF_INET if k == 1 else socket.AF_INET6, data[x:y])
+                elif k in (2, 4):
+                    dst = socket.inet_ntop(socket.AF_INET if k == 2 else socket.AF_INET6, data[x:y])
+        elif kind == 2:  # CTA_TUPLE_PROTO
+            for k, x, _ in _nla(data, a, b):
+                if k == 1:
+                    proto = data[x]
+                elif k == 2:
+                    sport = struct.unpack_from("!H", data, x)[0]
+                elif k == 3:
+                    dport = struct.unpack_from("!H", data, x)[0]
+    return proto, src, sport, dst, dport
+
+
+def parse_ct_destroy(raw: bytes):
+    """A ctnetlink DESTROY message -> ConntrackEntry, or None unless it is a NATed TCP
+    entry. Hand-parsed: on a NAT box every connection ends with one of these, and a generic
+    netlink decoder costs ~100 µs per message."""
+    status = timeout = None
+    orig = reply = None
+    state = ""
+    for kind, a, b in _nla(raw, 20, len(raw)):    # nlmsghdr (16) + nfgenmsg (4)
+        if kind == 3:      # CTA_STATUS
+            status = struct.unpack_from("!I", raw, a)[0]
+            if not status & (IPS_SRC_NAT | IPS_DST_NAT):
+                return None
+        elif kind == 1:    # CTA_TUPLE_ORIG
+            orig = _tuple_from_raw(raw, a, b)
+            if orig[0] != 6:
+                return None
+        elif kind == 2:    # CTA_TUPLE_REPLY
+            reply = _tuple_from_raw(raw, a, b)
+        elif kind == 7:    # CTA_TIMEOUT
+            timeout = struct.unpack_from("!I", raw, a)[0]
+        elif kind == 4:    # CTA_PROTOINFO / CTA_PROTOINFO_TCP / CTA_PROTOINFO_TCP_STATE
+            for k, x, y in _nla(raw, a, b):
+                for k2, x2, _ in (_nla(raw, x, y) if k == 1 else ()):
+                    if k2 == 1 and raw[x2] < len(CT_TCP_STATES):
+                        state = CT_TCP_STATES[raw[x2]]
+    if status is None or orig is None or reply is None or None in orig[1:] or None in reply[1:]:
+        return None
+    return ConntrackEntry(orig=Tuple(Endpoint(orig[1], orig[2]), Endpoint(orig[3], orig[4])),
+                          reply=Tuple(Endpoint(reply[1], reply[2]), Endpoint(reply[3], reply[4])),
+                          status=status, tcp_state=state, timeout=timeout or 0)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+_OWN_NETNS = os.open("/proc/self/ns/net", os.O_RDONLY)
 
 
 def in_netns(path: str, fn):
-    """Run fn() with this thread inside the namespace at `path` (for /proc/sys/net and
-    tools that only look at their own namespace)."""
-    pushns(path)
+    """Run fn() with this thread inside the namespace at `path`: sockets created there stay
+    bound to it, /proc/sys/net shows its values. A setns() pair costs ~50 µs, where
+    pyroute2's netns helpers fork a child (~5 ms) — too slow where namespaces churn."""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        return fn()
+        if _libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({path}): {os.strerror(err)}")
+        try:
+            return fn()
+        finally:
+            if _libc.setns(_OWN_NETNS, CLONE_NEWNET) != 0:  # never go on in the wrong namespace
+                raise RuntimeError("cannot return to the tracer's own network namespace")
     finally:
-        popns()
+        os.close(fd)
 
 
 def read_sysctls(path: str) -> dict:
@@ -185,17 +256,17 @@ class NetnsHandles:
             path = self.dir.path(inode)
             if not path:
                 return None
-            socks = {fam: Conntrack(nfgen_family=fam, netns=path, flags=0)
-                     for fam in (socket.AF_INET, socket.AF_INET6)}
+            def open_sockets():
+                socks = {fam: Conntrack(nfgen_family=fam) for fam in (socket.AF_INET, socket.AF_INET6)}
+                for sock in socks.values():
+                    sock.count()   # pyroute2 opens lazily: make it open here, in the namespace
+                return socks
             try:
-                socks[socket.AF_INET].count()   # sockets open lazily: fail here, not later
+                self._ct[inode] = in_netns(path, open_sockets)
             except OSError as e:  # the process whose /proc path named the namespace exited
                 log.debug("namespace not reachable", netns=inode, path=path, error=str(e))
-                for s in socks.values():
-                    s.close()
                 self.dir.scan()
                 return None
-            self._ct[inode] = socks
         return self._ct[inode]
 
     def prune(self, alive: set) -> None:
@@ -215,10 +286,8 @@ class NetnsHandles:
             name = ""
             if path:
                 try:
-                    with NetNS(path, flags=0) as ipr:
-                        links = ipr.get_links(ifindex)
-                        name = links[0].get_attr("IFLA_IFNAME") if links else ""
-                except (OSError, NetlinkError):
+                    name = in_netns(path, lambda: socket.if_indextoname(ifindex))
+                except OSError:
                     name = ""
             self._links[key] = name
         return self._links.get(key, "")
@@ -292,6 +361,7 @@ class NetlinkMonitor:
         self._socks: dict = {}       # fileno -> (inode, kind, socket)
         self._by_ns: dict = {}       # inode -> [socket, ...]
         self._link_up: dict = {}     # (inode, ifindex) -> bool
+        self.overruns = 0            # times the kernel dropped messages for us (ENOBUFS)
 
     def sync(self) -> None:
         alive = set(self.dir.known())
@@ -302,18 +372,20 @@ class NetlinkMonitor:
         for inode in alive - set(self._by_ns):
             path = self.dir.path(inode)
             try:
-                ct = create_socket(netns=path, family=socket.AF_NETLINK, socket_type=socket.SOCK_RAW,
-                                   proto=NETLINK_NETFILTER, flags=0)
+                ct, rt = in_netns(path, lambda: (
+                    socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER),
+                    socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)))
                 ct.bind((0, 1 << (NFNLGRP_CONNTRACK_DESTROY - 1)))
-                rt = create_socket(netns=path, family=socket.AF_NETLINK, socket_type=socket.SOCK_RAW,
-                                   proto=NETLINK_ROUTE, flags=0)
                 rt.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
             except OSError as e:
                 log.debug("cannot monitor namespace", netns=inode, error=str(e))
                 self._by_ns[inode] = []
                 continue
             for s, kind in ((ct, "ct"), (rt, "rt")):
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                try:   # root may exceed net.core.rmem_max
+                    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 8 << 20)
+                except OSError:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
                 s.setblocking(False)
                 self._socks[s.fileno()] = (inode, kind, s)
             self._by_ns[inode] = [ct, rt]
@@ -331,8 +403,9 @@ class NetlinkMonitor:
                 except BlockingIOError:
                     break
                 except OSError as e:  # ENOBUFS: the kernel dropped events for us
-                    log.warning("netlink monitor overrun", netns=inode, error=str(e))
-                    break
+                    self.overruns += 1
+                    log.debug("netlink monitor overrun", netns=inode, error=str(e))
+                    continue
                 events += self._parse(inode, kind, data)
         return events
 
@@ -348,12 +421,8 @@ class NetlinkMonitor:
             off += (length + 3) & ~3
             base = dict(ts=now, ts_ns=mono, netns=inode, flow=None, probe="netlink")
             if kind == "ct" and mtype & 0xFF == IPCTNL_MSG_CT_DELETE:
-                msg = nfct_msg(raw)
-                msg.decode()
-                if not _is_tcp(msg):
-                    continue
-                entry = entry_from_netlink(msg)
-                if entry.status & (IPS_SRC_NAT | IPS_DST_NAT):
+                entry = parse_ct_destroy(raw)
+                if entry is not None:
                     out.append(KernelEvent(kind=CT_DESTROY, ifindex=0, entry=entry,
                                            family=6 if ":" in entry.orig.src.addr else 4, **base))
             elif kind == "rt" and mtype == RTM_DELADDR:

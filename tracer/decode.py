@@ -6,7 +6,7 @@ No BCC here: the backend hands over bytes, and the kernel's own numbering of rea
 from __future__ import annotations
 
 import bisect
-import ipaddress
+import socket
 import struct
 import time
 from dataclasses import dataclass, field
@@ -80,8 +80,8 @@ class KernelNames:
 
 def _addr(raw: bytes, family: int) -> str:
     if family == 6:
-        return str(ipaddress.IPv6Address(raw))
-    return str(ipaddress.IPv4Address(raw[:4]))
+        return socket.inet_ntop(socket.AF_INET6, raw)
+    return socket.inet_ntop(socket.AF_INET, raw[:4])
 
 
 def decode(raw: bytes, names: KernelNames) -> KernelEvent:

@@ -1,6 +1,7 @@
 """The live loop: probes -> decode -> context -> attribution -> sinks, one direction."""
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -48,6 +49,8 @@ class Watch:
         self.summary = Summary()
         self._lost_reported = 0
         self._decode_reported = 0
+        self._sink_drops_reported: dict = {}
+        self._overruns_reported = 0
         self._pending: list = []
 
     def emit(self, record: dict) -> None:
@@ -78,6 +81,8 @@ class Watch:
                 self.context_errors += 1
                 log.warning("context gathering failed; attributing without it", error=repr(e))
             self.attribute(ev)
+        for sink in self.sinks:
+            sink.flush()
 
     def attribute(self, ev) -> None:
         if self.recorder is not None:
@@ -96,10 +101,36 @@ class Watch:
         if lost > self._lost_reported:
             self.emit(loss_record(now, self.host, "kernel_ringbuf", lost - self._lost_reported, lost))
             self._lost_reported = lost
+        overruns = self.gatherer.monitor.overruns
+        if overruns > self._overruns_reported:
+            # the kernel does not say how many netlink messages it dropped: count overruns
+            self.emit(loss_record(now, self.host, "netlink_monitor", overruns - self._overruns_reported,
+                                  overruns))
+            self._overruns_reported = overruns
         if self.decode_errors > self._decode_reported:
             self.emit(loss_record(now, self.host, "decode", self.decode_errors - self._decode_reported,
                                   self.decode_errors))
             self._decode_reported = self.decode_errors
+        for sink in self.sinks:   # outputs that dropped records (queue full: destination down or slow)
+            stats = sink.stats() if hasattr(sink, "stats") else None
+            if not stats:
+                continue
+            reported = self._sink_drops_reported.get(stats["name"], 0)
+            if stats["dropped"] > reported:
+                self._sink_drops_reported[stats["name"]] = stats["dropped"]
+                self.emit_offered(loss_record(now, self.host, f"sink:{stats['name']}",
+                                              stats["dropped"] - reported, stats["dropped"]))
+
+    def emit_offered(self, record: dict) -> None:
+        """Like emit, but an output with no room refuses the record without counting a
+        drop: a report of drops must not cause the next one (two outputs down would
+        otherwise report each other's drops forever)."""
+        self.summary.add(record)
+        for sink in self.sinks:
+            if hasattr(sink, "offer"):
+                sink.offer(record)
+            else:
+                sink.emit(record)
 
     def stop(self, *_):
         self.stopping = True
@@ -111,10 +142,16 @@ class Watch:
         try:
             self.backend.open(self.on_raw)
             self.gatherer.start()
+            # start-up leaves ~10^6 long-lived objects (BTF, BCC): keep the collector from
+            # rescanning them in the middle of the event loop (a ~100 ms pause)
+            gc.collect()
+            gc.freeze()
             self.emit(status_record(time.time(), self.host, "attached", backend=self.backend.name,
                                     probes=self.backend.probes(),
                                     attach_s=round(self.backend.attach_seconds, 3),
                                     since_process_start_s=round(process_age(), 3)))
+            for sink in self.sinks:
+                sink.flush()
             deadline = time.monotonic() + duration if duration else None
             next_loss_check = 0.0
             while not self.stopping and (deadline is None or time.monotonic() < deadline):
@@ -135,4 +172,6 @@ class Watch:
         self.emit(status_record(time.time(), self.host, "detached", verdicts=self.verdicts,
                                 lost_total=self._lost_reported, context_errors=self.context_errors,
                                 summary=self.summary.to_dict()))
+        for sink in self.sinks:
+            sink.close()
         return 0

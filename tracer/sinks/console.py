@@ -9,8 +9,11 @@ class Sink:
     def emit(self, record: dict) -> None:
         raise NotImplementedError
 
+    def flush(self) -> None:
+        """Called after each batch of events: one write syscall per batch, not per line."""
+
     def close(self) -> None:
-        pass
+        self.flush()
 
 
 def _tuple(t: dict) -> str:
@@ -55,6 +58,8 @@ class JsonLinesSink(Sink):
 
     def emit(self, record: dict) -> None:
         self.stream.write(json.dumps(record, separators=(",", ":"), default=str) + "\n")
+
+    def flush(self) -> None:
         self.stream.flush()
 
 
@@ -65,4 +70,6 @@ class HumanSink(Sink):
 
     def emit(self, record: dict) -> None:
         self.stream.write(format_human(record, self.verbose) + "\n")
+
+    def flush(self) -> None:
         self.stream.flush()
