@@ -11,11 +11,15 @@ from typing import Optional
 # from the probes
 RST_SENT, RST_RECEIVED, SKB_DROPPED = "rst_sent", "rst_received", "skb_dropped"
 MASQ_NOTIFIER = "masq_notifier"          # a masquerade address/device notifier ran
-# from netlink monitors in each namespace
+# kprobe backend only: richer evidence
+CT_INVALID = "ct_invalid"                # conntrack logged a segment INVALID/IGNORED, with why
+NAT_BINDING = "nat_binding"              # NAT chose a tuple for a new connection
+# from netlink monitors in each namespace (and from nf_ct_delete on the kprobe backend)
 CT_DESTROY = "ct_destroy"                # a conntrack entry went away
 ADDR_REMOVED = "addr_removed"            # an address was removed from an interface
 LINK_DOWN = "link_down"                  # an interface went down
-EVENT_KINDS = (RST_SENT, RST_RECEIVED, SKB_DROPPED, MASQ_NOTIFIER, CT_DESTROY, ADDR_REMOVED, LINK_DOWN)
+EVENT_KINDS = (RST_SENT, RST_RECEIVED, SKB_DROPPED, MASQ_NOTIFIER, CT_DESTROY, ADDR_REMOVED, LINK_DOWN,
+               CT_INVALID, NAT_BINDING)
 TRIGGER_KINDS = (MASQ_NOTIFIER, ADDR_REMOVED, LINK_DOWN)
 
 TCP_FLAG_NAMES = ("FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR")
@@ -164,6 +168,13 @@ class KernelEvent:
     notifier: str = ""           # masq_notifier: which notifier ran (masq_inet_event, ...)
     entry: Optional[ConntrackEntry] = None    # ct_destroy: the entry that went away
     address: str = ""            # addr_removed: the address
+    # kprobe backend
+    invalid_reason: str = ""     # ct_invalid: conntrack's message, e.g. "SEQ is over upper bound ..."
+    window: dict = field(default_factory=dict)  # ct_invalid: td_end/td_maxend/td_maxwin/td_scale
+                                                # per direction: {"orig": {...}, "reply": {...}}
+    nat_range_flags: int = 0     # nat_binding: NF_NAT_RANGE_* of the rule (RANDOM=4, RANDOM_FULLY=16)
+    delete_reason: str = ""      # ct_destroy: masquerade | device | timeout | ctnetlink | early_drop | ...
+    delete_detail: dict = field(default_factory=dict)  # e.g. {"address": ..., "ifname": ...}
     context: Context = field(default_factory=Context)
 
     @property

@@ -7,7 +7,8 @@ import socket
 import time
 from typing import Optional
 
-from ..events import CT_DESTROY, RST_RECEIVED, RST_SENT, TRIGGER_KINDS, KernelEvent, flag_names
+from ..events import (CT_DESTROY, CT_INVALID, NAT_BINDING, RST_RECEIVED, RST_SENT, TRIGGER_KINDS,
+                      KernelEvent, flag_names)
 from ..schema import Verdict
 from .rules import RULES, Finding
 from .state import AttributionState
@@ -34,6 +35,12 @@ class Attributor:
             return None
         if ev.kind in TRIGGER_KINDS:
             self.state.add_trigger(ev)
+            return None
+        if ev.kind == CT_INVALID:
+            self.state.add_invalid(ev)
+            return None
+        if ev.kind == NAT_BINDING:
+            self.state.add_binding(ev)
             return None
         rule, finding = next((r, f) for r, f in ((r, r.explain(ev, self.state)) for r in self.rules)
                              if f is not None)

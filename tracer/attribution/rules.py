@@ -83,10 +83,10 @@ class ConntrackInvalidUnnat(Rule):
             return None
         ct = ev.context.conntrack
         if ct is not None and ct.nat and ct.reply == ev.flow and not ev.has_sock:
-            return self._snat_side(ev, ct)
+            return self._snat_side(ev, ct, state)
         for hit in ev.context.nat_elsewhere:
             if hit["match"] == "reply" and not state.deletions_by_orig(hit["netns"], hit["entry"].orig):
-                return self._dnat_side(ev, hit)
+                return self._dnat_side(ev, hit, state)
         return None
 
     def _invalid_evidence(self, delta: Optional[dict], where: str) -> list:
@@ -95,7 +95,7 @@ class ConntrackInvalidUnnat(Rule):
         return [Evidence("ct_invalid_delta", f"conntrack 'invalid' counter rose by {delta['invalid']} "
                          f"in {where} since the tracer started watching it", delta["invalid"])]
 
-    def _snat_side(self, ev, ct):
+    def _snat_side(self, ev, ct, state):
         inside, outside = ct.orig, ct.reply.reversed()
         delta = ev.context.ct_stats_delta
         evidence = [
@@ -105,27 +105,43 @@ class ConntrackInvalidUnnat(Rule):
                      f"segment: inside {inside}, NATed {outside} ({ct.tcp_state})", ct.to_dict()),
             segment_evidence(ev), reason_evidence(ev, "this host's stack with no socket"),
         ] + self._invalid_evidence(delta, "this namespace")
+        verdict = state.invalid_for(ev.netns, ev.flow)
+        evidence += self._kernel_verdict_evidence(verdict)
         return Finding(
             self.cause,
-            f"conntrack marked a segment of NATed flow {inside} INVALID (out of window); it was "
+            f"conntrack marked a segment of NATed flow {inside} INVALID "
+            f"({verdict.invalid_reason if verdict else 'out of window'}); it was "
             f"not de-NATed and this host answered RST on {outside}",
-            "high" if delta.get("invalid") else "medium", evidence, self.REMEDY,
+            "high" if (delta.get("invalid") or verdict) else "medium", evidence, self.REMEDY,
             nat=nat_tuples(ct), keys=[inside.endpoints(), outside.endpoints()])
 
-    def _dnat_side(self, ev, hit):
+    @staticmethod
+    def _kernel_verdict_evidence(verdict) -> list:
+        """kprobe backend: conntrack's own words and the window it compared against."""
+        if verdict is None:
+            return []
+        return [Evidence("invalid_reason", f"conntrack: {verdict.invalid_reason}",
+                         {"reason": verdict.invalid_reason, "seq": verdict.seq, "ack": verdict.ack,
+                          "len": verdict.payload_len}),
+                Evidence("tcp_window", "conntrack's window state of the flow (td_end, td_maxend, "
+                         "td_maxwin, td_scale per direction)", verdict.window)]
+
+    def _dnat_side(self, ev, hit, state):
         ct = hit["entry"]
         delta = hit.get("ct_stats_delta") or {}
+        verdict = state.invalid_for(hit["netns"], ct.reply)
         evidence = [
             Evidence("unnated_reply", f"the segment {ev.flow} is the reply tuple of a NAT entry in "
                      f"namespace {hit['netns_name'] or hit['netns']}: it was forwarded without its "
                      f"source being translated back", {"router_netns": hit["netns"], "entry": ct.to_dict()}),
             segment_evidence(ev), reason_evidence(ev, "the client, which has no socket for the backend's address"),
         ] + self._invalid_evidence(delta, f"the router namespace {hit['netns_name'] or hit['netns']}")
+        evidence += self._kernel_verdict_evidence(verdict)
         return Finding(
             self.cause,
             f"conntrack in {hit['netns_name'] or hit['netns']} marked a reply of {ct.orig} INVALID; "
             f"it reached the client un-NATed from {ct.reply.src} and the client answered RST",
-            "high" if delta.get("invalid") else "medium", evidence, self.REMEDY,
+            "high" if (delta.get("invalid") or verdict) else "medium", evidence, self.REMEDY,
             nat=nat_tuples(ct), keys=[ct.orig.endpoints(), ct.reply.endpoints()])
 
 
@@ -199,9 +215,12 @@ class ConntrackFlushed(Rule):
         if gone is None:
             return None
         trigger = state.trigger_near(gone.netns, gone.ts)
-        if trigger is None and gone.expired:
+        if gone.expired and (trigger is None or gone.reason == "timeout"):
             return None   # ConntrackExpired
         evidence = deletion_evidence(ev, gone, how, hit)
+        if gone.reason:
+            evidence.insert(0, Evidence("delete_reason", f"the kernel deleted the entry: {gone.reason} "
+                                        f"{gone.detail or ''}".strip(), dict(gone.detail, reason=gone.reason)))
         if trigger is not None:
             evidence.insert(0, Evidence("flush_trigger", f"{trigger.describe()} in namespace "
                                         f"{trigger.netns_name or trigger.netns} {gone.ts - trigger.ts:+.3f}s "
@@ -212,12 +231,15 @@ class ConntrackFlushed(Rule):
             nat["outside_after"] = hit["entry"].reply.reversed().to_dict()
             keys.append(hit["entry"].reply.endpoints())
         what = trigger.describe() if trigger else "a deletion with no address or device event"
+        if trigger is None and gone.reason in ("masquerade", "device"):
+            what = f"the masquerade cleanup ({gone.reason} {gone.detail or ''})".strip()
+        known = trigger is not None or gone.reason in ("masquerade", "device")
         return Finding(self.cause,
                        f"conntrack entry of {gone.entry.orig} was flushed by {what}; "
                        f"{'its next packet was re-NATed to a new port' if how == 'renated' else 'the next packet was not de-NATed'}"
                        f" and drew this RST",
-                       "high" if trigger else "medium", evidence,
-                       self.REMEDY_ADDRESS if trigger else self.REMEDY_UNKNOWN, nat=nat, keys=keys)
+                       "high" if known or gone.reason else "medium", evidence,
+                       self.REMEDY_ADDRESS if known else self.REMEDY_UNKNOWN, nat=nat, keys=keys)
 
 
 class ConntrackExpired(Rule):
@@ -228,7 +250,8 @@ class ConntrackExpired(Rule):
 
     def explain(self, ev, state):
         gone, how, hit = deletion_for(ev, state)
-        if gone is None or not gone.expired or state.trigger_near(gone.netns, gone.ts):
+        if gone is None or not gone.expired or (state.trigger_near(gone.netns, gone.ts)
+                                                and gone.reason != "timeout"):
             return None
         timeout = gone.sysctls.get("nf_conntrack_tcp_timeout_established")
         evidence = [Evidence("expired", f"the entry was deleted with {gone.entry.timeout}s of its timeout "
@@ -278,7 +301,12 @@ class SnatPortClash(Rule):
         if rules.get("rules"):
             evidence.append(Evidence("masquerade_rules", "NAT rules " + ("all use --random-fully" if rules["random_fully"]
                                      else "do not all use --random-fully"), rules))
-        if rules.get("random_fully"):
+        winner = state.binding_for(ev.netns, ct.reply)
+        if winner is not None and winner.entry.orig != ct.orig:
+            evidence.append(Evidence("clash_winner", f"the entry that won the tuple: {winner.entry.orig} "
+                                     f"NATed to {winner.entry.reply.dst}", winner.entry.to_dict()))
+        random_fully = rules.get("random_fully") or bool(winner and winner.nat_range_flags & 16)
+        if random_fully:
             remedy = Remedy("--random-fully is already on: clashes remain possible under very high "
                             "connection rates to one destination; widen the source port range or add "
                             "SNAT addresses.", ["sysctl -w net.ipv4.ip_local_port_range='10240 65535'"])

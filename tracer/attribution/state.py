@@ -45,9 +45,13 @@ class Deletion:
     ts: float
     entry: ConntrackEntry
     sysctls: dict = field(default_factory=dict)
+    reason: str = ""        # kprobe backend: why the kernel deleted it
+    detail: dict = field(default_factory=dict)
 
     @property
     def expired(self) -> bool:
+        if self.reason:
+            return self.reason == "timeout"
         return self.entry.timeout <= EXPIRED_TIMEOUT_LEFT_S
 
 
@@ -82,6 +86,8 @@ class AttributionState:
         self._by_reply_any = BoundedMap(memory_ttl, max_entries)  # reply -> Deletion
         self._by_orig = BoundedMap(memory_ttl, max_entries)       # (netns, orig) -> [Deletion]
         self._triggers: dict = {}   # netns -> deque of Trigger
+        self._invalid = BoundedMap(60, 10_000)              # (netns, segment) -> ct_invalid event
+        self._bindings = BoundedMap(memory_ttl, max_entries)  # (netns, reply) -> nat_binding event
         self.now = 0.0
 
     # -- root-cause verdicts ---------------------------------------------------------
@@ -97,7 +103,12 @@ class AttributionState:
 
     # -- conntrack deletions -----------------------------------------------------------
     def add_deletion(self, ev: KernelEvent) -> None:
-        d = Deletion(ev.netns, ev.ts, ev.entry, ev.context.sysctls)
+        d = Deletion(ev.netns, ev.ts, ev.entry, ev.context.sysctls, ev.delete_reason, ev.delete_detail)
+        # the kprobe backend reports a deletion (with its reason) before the netlink monitor
+        # does (without): keep the reason
+        known = self.deletion_by_reply(ev.netns, ev.entry.reply)
+        if known is not None and known.reason and not d.reason and abs(known.ts - d.ts) < 2:
+            d.reason, d.detail, d.ts = known.reason, known.detail, known.ts
         self._by_reply.put((ev.netns, ev.entry.reply), d, ev.ts)
         self._by_reply_any.put(ev.entry.reply, d, ev.ts)
         # several entries of one inside flow: the flushed one, then its re-NATed successor
@@ -115,6 +126,21 @@ class AttributionState:
     def deletions_by_orig(self, netns: int, orig: Tuple) -> list:
         hit = self._by_orig.get((netns, orig), self.now)
         return hit[1] if hit else []
+
+    # -- kprobe backend: INVALID verdicts and NAT bindings ----------------------------------
+    def add_invalid(self, ev: KernelEvent) -> None:
+        self._invalid.put((ev.netns, ev.flow), ev, ev.ts)
+
+    def invalid_for(self, netns: int, seg: Tuple, within: float = 2.0) -> Optional[KernelEvent]:
+        hit = self._invalid.get((netns, seg), self.now)
+        return hit[1] if hit and self.now - hit[0] <= within else None
+
+    def add_binding(self, ev: KernelEvent) -> None:
+        self._bindings.put((ev.netns, ev.entry.reply), ev, ev.ts)
+
+    def binding_for(self, netns: int, reply: Tuple) -> Optional[KernelEvent]:
+        hit = self._bindings.get((netns, reply), self.now)
+        return hit[1] if hit else None
 
     # -- what flushes entries ------------------------------------------------------------
     def add_trigger(self, ev: KernelEvent) -> None:
