@@ -159,9 +159,16 @@ def _tuple_from_raw(data: bytes, off: int, end: int):
 
 
 def parse_ct_destroy(raw: bytes):
-    """A ctnetlink DESTROY message -> ConntrackEntry, or None unless it is a NATed TCP
-    entry. Hand-parsed: on a NAT box every connection ends with one of these, and a generic
-    netlink decoder costs ~100 µs per message."""
+    """A ctnetlink DESTROY message -> ConntrackEntry, or None unless it is a well-formed
+    NATed TCP entry. Hand-parsed: on a NAT box every connection ends with one of these, and
+    a generic netlink decoder costs ~100 µs per message."""
+    try:
+        return _parse_ct_destroy(raw)
+    except (ValueError, struct.error, IndexError):
+        return None
+
+
+def _parse_ct_destroy(raw: bytes):
     status = timeout = None
     orig = reply = None
     state = ""
