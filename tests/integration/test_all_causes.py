@@ -93,3 +93,17 @@ def test_summary_agrees_with_the_verdicts(tmp_path):
         assert summary["by_cause"]["conntrack_invalid_unnat"] == 1
         detached = [r for r in run.records if r.get("state") == "detached"][-1]
         assert detached["summary"]["by_cause"]["conntrack_invalid_unnat"] >= 1
+
+
+def test_ipv6_resets_are_named_too():
+    from tracer.lab.topology import SRV6_ADDR
+    tracer = TracerProcess()
+    tracer.start()
+    with NatLab() as lab:
+        p = lab.spawn(lab.cli, ["connect-many", "--addr", SRV6_ADDR, "--port", "9", "--count", "5"])
+        assert scenarios.expect_line(p, "done")["outcomes"] == {"ECONNREFUSED": 5}
+        srv = lab.netns_inode(lab.srv)
+        verdicts = [v for v in tracer.stop() if v.get("type") == "verdict" and v["netns"] == srv]
+    assert len(verdicts) == 5
+    assert all(v["cause"] == "no_listener" and v["flow"]["family"] == 6 and v["flow"]["dst"] == SRV6_ADDR
+               for v in verdicts)
