@@ -174,25 +174,41 @@ def watch(as_json, verbose, outputs, metrics, netns, ports, hosts, backend, reco
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def doctor(as_json):
-    """Report what this kernel allows and which probe backend will run."""
-    from .probes import capabilities
+@click.option("-v", "--verbose", is_flag=True, help="Show what was observed under each finding.")
+@click.option("--netns", "netns", metavar="NAME|INODE|PATH",
+              help="Check this network namespace (a name from `ip netns`, an inode number, or a "
+                   "path such as /proc/PID/ns/net) instead of this process's own.")
+@click.option("--networkd-dir", "networkd_dirs", multiple=True, type=click.Path(file_okay=False),
+              help="Read systemd-networkd .network files from this directory (repeatable; default: "
+                   "$RST_TRACER_NETWORKD_DIRS or systemd's search path).")
+def doctor(as_json, verbose, netns, networkd_dirs):
+    """Check the host for exposure to the conntrack/NAT reset incidents, and which probe
+    backend will run. Exit status 1 when a risk is found, 0 when none.
 
-    caps = capabilities.detect()
-    report = {"capabilities": caps.to_dict(), "backend": caps.backend or None,
-              "backend_why": caps.backend_why}
-    if as_json:
-        click.echo(json.dumps(report, indent=2))
-    else:
-        c = report["capabilities"]
-        click.echo(f"kernel        {c['kernel_release']}")
-        click.echo(f"BTF           {'yes' if c['btf'] else 'no: ' + c['btf_error']}")
-        click.echo(f"tracepoints   " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in c["tracepoints"].items()))
-        click.echo(f"kprobes       {'yes' if c['kprobes'] else 'no'} ({c['kprobes_why']})")
-        click.echo(f"headers       {c['matching_headers'] or 'none for this kernel; fallback: ' + (', '.join(c['fallback_headers']) or 'none')}")
-        click.echo(f"privileged    {'yes' if c['privileged'] else 'no'}")
-        click.echo(f"backend       {caps.backend or 'NONE'} ({caps.backend_why})")
-    if not caps.backend:
+    \b
+    Checks: kernel window handling, conntrack sysctls (table usage, timeouts, be_liberal),
+    MASQUERADE/SNAT without --random-fully (iptables legacy/nft, nft), INVALID packets not
+    dropped before the host stack, systemd-networkd DHCP without KeepConfiguration=, and
+    the probe backend. Each finding names its incident and a fix to paste.
+
+    \b
+    Examples:
+      rst-tracer doctor
+      rst-tracer doctor --json --netns rstlab-1a2b3c-nat
+      rst-tracer doctor -v --netns /proc/4242/ns/net
+    """
+    from . import doctor as doc
+    from .doctor.host import TargetError
+
+    try:
+        report = doc.run(netns=netns, networkd_dirs=list(networkd_dirs) or None)
+    except TargetError as e:
+        raise click.BadParameter(str(e), param_hint="--netns") from None
+    except OSError as e:
+        raise Failure(f"cannot read namespace {netns or 'of this process'}: "
+                      f"{e.strerror or e} (run as root)") from None
+    click.echo(json.dumps(report, indent=2) if as_json else doc.format_text(report, verbose))
+    if any(f["severity"] == doc.RISK for f in report["findings"]):
         sys.exit(EXIT_FAILURE)
 
 
@@ -206,21 +222,18 @@ def replay(path, as_json, verbose):
     A damaged file yields the verdicts of its good part, then a one-line error naming the
     byte offset, and exit status 1.
     """
-    from .attribution import Attributor
-    from .recording import RecordingError, read_recording
+    from .recording import RecordingError
+    from .replay import replay_verdicts
     from .sinks import HumanSink, JsonLinesSink
 
     sink = JsonLinesSink() if as_json or not sys.stdout.isatty() else HumanSink(verbose=verbose)
     try:
-        header, events = read_recording(path)
-        attributor = Attributor(header.get("backend", "replay"), header.get("host"),
-                                id_prefix=header.get("id_prefix"))
-        for ev in events:
-            verdict = attributor.feed(ev)
-            if verdict is not None:
-                sink.emit(verdict.to_dict())
+        for record in replay_verdicts(path):
+            sink.emit(record)
     except RecordingError as e:
         raise Failure(str(e)) from None
+    finally:
+        sink.flush()
 
 
 @cli.command()
@@ -237,8 +250,8 @@ def summary(paths, as_json):
       rst-tracer watch --json --duration 600 > run.jsonl; rst-tracer summary run.jsonl
       rst-tracer summary run.rec
     """
-    from .attribution import Attributor
-    from .recording import FORMAT, RecordingError, read_recording
+    from .recording import FORMAT, RecordingError
+    from .replay import replay_verdicts
     from .summary import Summary
 
     total = Summary()
@@ -248,13 +261,8 @@ def summary(paths, as_json):
         if FORMAT.encode() in head:
             stream.close()
             try:
-                header, events = read_recording(path)
-                att = Attributor(header.get("backend", "replay"), header.get("host"),
-                                 id_prefix=header.get("id_prefix"))
-                for ev in events:
-                    v = att.feed(ev)
-                    if v is not None:
-                        total.add(v.to_dict())
+                for record in replay_verdicts(path):
+                    total.add(record)
             except RecordingError as e:
                 raise Failure(str(e)) from None
             continue

@@ -248,6 +248,24 @@ def read_nat_rules(path: str) -> dict:
     return {"rules": rules, "random_fully": bool(rules) and all("--random-fully" in r for r in rules)}
 
 
+class TimedCache:
+    """Per-namespace values read from the kernel, re-read after `ttl` seconds."""
+
+    def __init__(self, ttl: float = 10.0):
+        self.ttl = ttl
+        self._items: dict = {}
+
+    def get(self, key, read):
+        hit = self._items.get(key)
+        if hit is None or time.monotonic() - hit[0] >= self.ttl:
+            hit = (time.monotonic(), read())
+            self._items[key] = hit
+        return hit[1]
+
+    def pop(self, key, default=None):
+        return self._items.pop(key, default)
+
+
 class NetnsHandles:
     """Per-namespace ctnetlink query sockets, opened once, closed when the namespace goes."""
 
@@ -256,7 +274,7 @@ class NetnsHandles:
         self._ct: dict = {}
         self._links: dict = {}
         self._stats_seen: dict = {}   # netns -> {stat: value at the last look}
-        self._rules: dict = {}        # netns -> (time, nat rules)
+        self._rules = TimedCache()    # netns -> nat rules
 
     def conntrack(self, inode: int):
         if inode not in self._ct:
@@ -346,13 +364,8 @@ class NetnsHandles:
                 self._stats_seen[inode] = now
 
     def nat_rules(self, inode: int) -> dict:
-        cached = self._rules.get(inode)
-        if cached and time.monotonic() - cached[0] < 10:
-            return cached[1]
         path = self.dir.path(inode)
-        rules = read_nat_rules(path) if path else {}
-        self._rules[inode] = (time.monotonic(), rules)
-        return rules
+        return self._rules.get(inode, lambda: read_nat_rules(path) if path else {})
 
     def close(self) -> None:
         self.prune(set())
@@ -469,7 +482,7 @@ class ContextGatherer:
         self.monitor = NetlinkMonitor(self.dir)
         self._last_sync = 0.0
         self._elsewhere_budget = (0, 0)   # (second, lookups done in it)
-        self._sysctls: dict = {}
+        self._sysctls = TimedCache()
 
     def start(self) -> None:
         self.monitor.sync()
@@ -532,13 +545,8 @@ class ContextGatherer:
         return ev
 
     def sysctls(self, inode: int) -> dict:
-        cached = self._sysctls.get(inode)
-        if cached and time.monotonic() - cached[0] < 10:
-            return cached[1]
         path = self.dir.path(inode)
-        values = read_sysctls(path) if path else {}
-        self._sysctls[inode] = (time.monotonic(), values)
-        return values
+        return self._sysctls.get(inode, lambda: read_sysctls(path) if path else {})
 
     def close(self) -> None:
         self.monitor.close()

@@ -2,16 +2,14 @@
 made with `scripts/lab.py run SCENARIO --record FILE`)."""
 from tracer.attribution import Attributor
 from tracer.events import RST_SENT, Endpoint, KernelEvent, Tuple
-from tracer.recording import read_recording
+from tracer.replay import replay_verdicts
 
 CONNTRACK_CAUSES = {"conntrack_invalid_unnat", "snat_port_clash", "conntrack_flushed",
                     "conntrack_expired", "conntrack_table_full"}
 
 
 def replay(path):
-    header, events = read_recording(str(path))
-    att = Attributor(header["backend"], header["host"], id_prefix=header["id_prefix"])
-    return [v.to_dict() for v in map(att.feed, events) if v is not None]
+    return list(replay_verdicts(str(path)))
 
 
 def test_invalid_window_names_the_inside_flow(fixtures):
