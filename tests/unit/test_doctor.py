@@ -406,6 +406,22 @@ def test_bad_nft_json_raises_value_error():
     assert parse_nft_json("{}").nat == []
 
 
+def test_unreadable_rule_sets_turn_ok_into_info():
+    from tracer.doctor.rules import check_rules
+    rs = RuleSet(read=[{"source": "nft", "status": "error",
+                        "detail": "nft -j list ruleset: Operation not permitted"},
+                       {"source": "iptables-nft-save", "status": "error",
+                        "detail": "iptables-nft-save: Permission denied (you must be root)"}])
+    f = _by_id(check_rules(rs, be_liberal=0))
+    assert [f[i].severity for i in ("nat.random_fully", "nat.invalid_drop", "nat.masquerade_flush")] == ["info"] * 3
+    assert "could be read" in f["nat.random_fully"].title
+    assert f["nat.unreadable"].fix == "run doctor as root" and "Operation not permitted" in f["nat.unreadable"].detail
+    assert _by_id(check_rules(rs, be_liberal=1))["nat.invalid_drop"].severity == "ok"   # needs no rules
+    exposed = parse_iptables_save(LAB_EXPOSED_NFT, "ipv4", "iptables-nft", "iptables-nft")
+    exposed.read = rs.read
+    assert _by_id(check_rules(exposed, be_liberal=0))["nat.random_fully"].severity == "risk"
+
+
 # -- conntrack sysctls -----------------------------------------------------------------------
 
 BASE = {"nf_conntrack_max": 262144, "nf_conntrack_count": 10, "nf_conntrack_tcp_be_liberal": 0,

@@ -199,6 +199,6 @@ def check_networkd(networks: list, dirs: list, interfaces=None, applicable: bool
     if not out:
         detail = f"no .network file in {', '.join(dirs)} enables DHCPv4"
         if skipped:
-            detail += f" for an existing interface ({', '.join(skipped)} match none)"
+            detail += f" for an existing interface ({', '.join(skipped)}: no interface matches)"
         out.append(Finding("networkd.dhcp", 4, OK, "no systemd-networkd DHCP", detail, ""))
     return out

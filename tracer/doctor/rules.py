@@ -475,7 +475,13 @@ def check_rules(rs: RuleSet, be_liberal: Optional[int], kernel_version: tuple = 
            check_masquerade_flush(rs, prefix)]
     errors = [r for r in rs.read if r.get("status") == "error"]
     if errors:
+        for f in out:       # "no risk" is not established by rules we could not read
+            if f.severity == OK and not (f.id == "nat.invalid_drop" and be_liberal == 1):
+                f.severity = INFO
+                f.title += " (in the rule sets that could be read)"
         out.append(Finding("nat.unreadable", None, INFO, "some rule sets could not be read",
-                           "; ".join(f"{r['source']}: {r.get('detail', '')}" for r in errors)
-                           + " — the NAT checks above may miss rules", ""))
+                           "; ".join(r.get("detail") or r["source"] for r in errors)
+                           + " — the NAT checks above may miss rules",
+                           "run doctor as root" if any("ermission" in r.get("detail", "") for r in errors)
+                           else ""))
     return out
