@@ -143,7 +143,8 @@ def watch(as_json, verbose, outputs, metrics, netns, ports, hosts, backend, reco
         btf = BTF()
     except BTFError as e:
         raise Failure(str(e)) from None
-    probe_backend = {"tracepoint": TracepointBackend}[chosen](caps, btf)
+    from .probes.kprobe import KprobeBackend
+    probe_backend = {"tracepoint": TracepointBackend, "kprobe": KprobeBackend}[chosen](caps, btf)
     from .sinks.metrics import MetricsSink
     from .sinks.outputs import build_all, parse_spec
 
