@@ -16,8 +16,15 @@ import threading
 import time
 
 
+_say_lock = threading.Lock()
+
+
 def say(**fields) -> None:
-    print(json.dumps(fields), flush=True)
+    fields.setdefault("ts", time.time())  # wall clock, comparable with the tracer's and tcpdump's
+    line = json.dumps(fields) + "\n"
+    with _say_lock:  # one write per line: threads must not interleave their lines
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def family_of(addr: str) -> int:
@@ -163,6 +170,343 @@ def inject(args) -> None:
         snd_nxt=flow["snd_nxt"], ack=flow["rcv_nxt"], offset=args.offset)
 
 
+# -- one connection driven from stdin (both ends) -------------------------------------
+def _errname(e: int) -> str:
+    return errno.errorcode.get(e, str(e))
+
+
+def _endpoint(addr) -> dict:
+    return {"addr": addr[0], "port": addr[1]}
+
+
+class _Monitor(threading.Thread):
+    """Reports, without reading any data, the moment the socket gets an error (an RST:
+    ECONNRESET, a keepalive/retransmit timeout: ETIMEDOUT) or hangs up."""
+
+    def __init__(self, sock):
+        super().__init__(daemon=True)
+        self.sock, self.stopping, self.fired = sock, threading.Event(), threading.Event()
+
+    def run(self) -> None:
+        p = select.poll()
+        p.register(self.sock.fileno(), select.POLLERR | select.POLLHUP)
+        while not self.stopping.is_set():
+            for _, ev in p.poll(100):
+                if self.stopping.is_set() or ev & select.POLLNVAL:
+                    return
+                err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                say(event="error", source="monitor", errno=_errname(err) if err else None,
+                    hangup=bool(ev & select.POLLHUP))
+                self.fired.set()
+                return
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(1)
+
+
+def peer(args) -> None:
+    """One TCP connection, either end (`--listen` accepts one and keeps listening; else
+    connects), then one stdin command per line, each answered by one JSON line:
+      send [N]            N bytes of data (default 1)
+      read [T]            whatever arrives within T s (default 1)
+      keepalive I N C     SO_KEEPALIVE with TCP_KEEPIDLE=I TCP_KEEPINTVL=N TCP_KEEPCNT=C
+      pending             bytes received and not read (FIONREAD)
+      close               close() (an RST if data is unread)
+      abort               SO_LINGER {on, 0} then close(): an RST
+      quit
+    Errors the socket gets on its own (an RST, a timeout) are reported as they happen by
+    {"event": "error", "source": "monitor", "errno": ...}."""
+    import fcntl
+    import termios
+    fam = family_of(args.addr)
+    if args.listen:
+        ls = socket.socket(fam, socket.SOCK_STREAM)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind((args.addr, args.port))
+        ls.listen(args.backlog)
+        say(event="listening", addr=args.addr, port=args.port)
+        s, _ = ls.accept()  # the listener stays open: later strays meet a listener
+        say(event="accepted", local=_endpoint(s.getsockname()), peer=_endpoint(s.getpeername()))
+    else:
+        s = socket.socket(fam, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((args.bind or ("::" if fam == socket.AF_INET6 else "0.0.0.0"), args.bind_port))
+        s.settimeout(args.timeout)
+        t0 = time.monotonic()
+        try:
+            s.connect((args.addr, args.port))
+        except OSError as e:
+            say(event="connect-failed", local=_endpoint(s.getsockname()),
+                errno=_errname(e.errno) if e.errno else "timeout", latency=time.monotonic() - t0)
+            return
+        say(event="connected", local=_endpoint(s.getsockname()), peer=_endpoint(s.getpeername()),
+            latency=time.monotonic() - t0)
+    s.settimeout(None)
+    mon = _Monitor(s)
+    mon.start()
+    for line in sys.stdin:
+        cmd, *rest = line.split() or [""]
+        try:
+            if cmd == "send":
+                n = int(rest[0]) if rest else 1
+                s.sendall(b"x" * n)
+                say(event="sent", bytes=n)
+            elif cmd == "read":
+                s.settimeout(float(rest[0]) if rest else 1.0)
+                try:
+                    data = s.recv(65536)
+                    say(event="eof") if not data else say(event="received", bytes=len(data))
+                except socket.timeout:
+                    say(event="received", bytes=0)
+                finally:
+                    s.settimeout(None)
+            elif cmd == "keepalive":
+                idle, intvl, cnt = (int(x) for x in rest)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, intvl)
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, cnt)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                say(event="keepalive", idle=idle, intvl=intvl, cnt=cnt)
+            elif cmd == "pending":
+                n = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+                say(event="pending", bytes=n)
+            elif cmd in ("close", "abort"):
+                n = struct.unpack("i", fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+                mon.stop()
+                if cmd == "abort":
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.close()
+                say(event="closed", how=cmd, unread=n)
+            elif cmd == "quit":
+                break
+            else:
+                say(event="cmd-error", cmd=cmd, text="unknown command")
+        except OSError as e:
+            say(event="cmd-error", cmd=cmd, errno=_errname(e.errno) if e.errno else str(e))
+    mon.stop()
+
+
+# -- packet watcher -------------------------------------------------------------------
+def _exit_with_stdin() -> None:
+    """For programs that never read stdin: end when it closes (the orchestrator is gone)."""
+    import os
+
+    def watch():
+        while sys.stdin.buffer.read1(4096):
+            pass
+        os._exit(0)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+ETH_P_IPV6 = 0x86DD
+SO_TIMESTAMPNS = 35
+TCP_FLAGS = ("FIN", "SYN", "RST", "PSH", "ACK", "URG")
+
+
+def _flag_names(f: int) -> list:
+    return [n for i, n in enumerate(TCP_FLAGS) if f & (1 << i)]
+
+
+def sniff(args) -> None:
+    """Every TCP segment seen on an interface (or all of this namespace's: --iface any),
+    in and out, one JSON line each with the kernel's timestamp. --port keeps only segments
+    from/to that port, --flags only those with one of the flags set (e.g. RST,SYN)."""
+    ps = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
+    if args.iface != "any":
+        ps.bind((args.iface, ETH_P_ALL))
+    ps.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    _exit_with_stdin()
+    want = 0
+    for name in filter(None, (args.flags or "").upper().split(",")):
+        want |= 1 << TCP_FLAGS.index(name)
+    say(event="sniffing", iface=args.iface)
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([ps], [], [], 0.2)
+        if not r:
+            continue
+        pkt, anc, _, addr = ps.recvmsg(65535, 64)
+        ts = time.time()
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                sec, nsec = struct.unpack("qq", data[:16])
+                ts = sec + nsec / 1e9
+        if addr[1] == ETH_P_IP and len(pkt) >= 20 and pkt[9] == 6:
+            hl, total = (pkt[0] & 15) * 4, struct.unpack("!H", pkt[2:4])[0]
+            src, dst = socket.inet_ntop(socket.AF_INET, pkt[12:16]), socket.inet_ntop(socket.AF_INET, pkt[16:20])
+        elif addr[1] == ETH_P_IPV6 and len(pkt) >= 40 and pkt[6] == 6:
+            hl, total = 40, 40 + struct.unpack("!H", pkt[4:6])[0]
+            src, dst = socket.inet_ntop(socket.AF_INET6, pkt[8:24]), socket.inet_ntop(socket.AF_INET6, pkt[24:40])
+        else:
+            continue
+        if len(pkt) < hl + 20:
+            continue
+        sport, dport, seq, ack, off = struct.unpack("!HHIIH", pkt[hl:hl + 14])
+        flags = off & 0x3F
+        if args.port and args.port not in (sport, dport):
+            continue
+        if want and not flags & want:
+            continue
+        say(event="segment", ts=ts, iface=addr[0], dir="out" if addr[2] == socket.PACKET_OUTGOING else "in",
+            src=src, sport=sport, dst=dst, dport=dport, seq=seq, ack=ack, flags=_flag_names(flags),
+            len=total - hl - (off >> 12) * 4)
+
+
+# -- many connections -----------------------------------------------------------------
+def _raise_nofile() -> None:
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def sink(args) -> None:
+    """A listener that accepts as fast as it can (SYNs are never refused), then closes each
+    connection, or with --hold keeps them all open (it never reads nor sends)."""
+    _raise_nofile()
+    _exit_with_stdin()
+    ls = socket.socket(family_of(args.addr), socket.SOCK_STREAM)
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((args.addr, args.port))
+    ls.listen(args.backlog)
+    say(event="listening", addr=args.addr, port=args.port)
+    held = []
+    while True:
+        conn, _ = ls.accept()
+        if args.hold:
+            held.append(conn)
+        else:
+            conn.close()
+
+
+def hold(args) -> None:
+    """Sequential connects from --bind, each with a short timeout, every established one held
+    open; stops after --failures failed connects or --count attempts, then waits for `quit`."""
+    held, failed = [], 0
+    for i in range(args.count):
+        s = socket.socket(family_of(args.addr), socket.SOCK_STREAM)
+        s.bind((args.bind, 0))
+        local = s.getsockname()
+        s.settimeout(args.timeout)
+        t0 = time.monotonic()
+        try:
+            s.connect((args.addr, args.port))
+            held.append(s)
+            say(event="attempt", i=i, ok=True, src=local[0], sport=local[1], latency=time.monotonic() - t0)
+        except OSError as e:
+            failed += 1
+            say(event="attempt", i=i, ok=False, src=local[0], sport=local[1], latency=time.monotonic() - t0,
+                errno=_errname(e.errno) if e.errno else "timeout")
+            s.close()
+            if failed >= args.failures:
+                break
+    say(event="done", held=len(held), failed=failed)
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+
+
+TCP_INFO_TOTAL_RETRANS = 100  # offset of tcpi_total_retrans in struct tcp_info
+
+
+def _race_worker(k, args, t0, q) -> None:
+    try:
+        q.put(_race(k, args, t0))
+    except BaseException as e:  # the parent must hear from every worker
+        q.put({"error": f"worker {k}: {e!r}"})
+
+
+def _race(k, args, t0) -> list:
+    import os
+    os.sched_setaffinity(0, {k % os.cpu_count()})
+    src = args.src_base.rsplit(".", 1)
+    src = f"{src[0]}.{int(src[1]) + k}"
+    _raise_nofile()
+    ep = select.epoll()
+    pending, results, held = {}, [], []
+
+    def reap(timeout: float) -> None:
+        for fd, ev in ep.poll(timeout):
+            s, r, start = pending.pop(fd)
+            ep.unregister(fd)
+            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            results.append({"src": src, "sport": args.base + r, "round": r, "latency": time.monotonic() - start,
+                            "ok": not err, "errno": _errname(err) if err else None,
+                            "retrans": struct.unpack_from("I", info, TCP_INFO_TOTAL_RETRANS)[0]})
+            held.append(s)  # closed only at the end: no closing handshakes during the race
+
+    for r in range(args.rounds):
+        target = t0 + r * args.spacing
+        while time.monotonic() < target:  # spin: every process sends its SYN at the same instant
+            pass
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((src, args.base + r))
+        s.setblocking(False)
+        start = time.monotonic()
+        s.connect_ex((args.addr, args.port))
+        pending[s.fileno()] = (s, r, start)
+        ep.register(s.fileno(), select.EPOLLOUT | select.EPOLLERR)
+        reap(0)
+    deadline = time.monotonic() + args.timeout
+    while pending and time.monotonic() < deadline:
+        reap(0.05)
+    for s, r, start in pending.values():
+        results.append({"src": src, "sport": args.base + r, "round": r, "latency": time.monotonic() - start,
+                        "ok": False, "errno": "timeout", "retrans": None})
+        s.close()
+    for s in held:
+        s.close()
+    return results
+
+
+def race(args) -> None:
+    """The SNAT port race (incident 2): --procs processes, each with its own source address
+    (--src-base + k), connect at the same instant to one --addr:--port with the same source
+    port (--base + round), for --rounds rounds --spacing s apart, non-blocking, so that a SYN
+    dropped by a clash is retransmitted while the other rounds go on. Reports every connect
+    that took >= --slow s (the SYN was retransmitted: the first RTO is 1 s) or failed.
+    Established connections stay open until the end (use `sink --hold`): no closing
+    handshakes, hence no stray RSTs, during the race."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    t0 = time.monotonic() + args.lead  # CLOCK_MONOTONIC is the same in every process
+    say(event="racing", start=time.time() + args.lead, procs=args.procs, rounds=args.rounds)
+    ps = [ctx.Process(target=_race_worker, args=(k, args, t0, q)) for k in range(args.procs)]
+    for p in ps:
+        p.start()
+    results, errors, heard = [], [], 0
+    deadline = time.monotonic() + args.lead + args.rounds * args.spacing + args.timeout + 10
+    while heard < len(ps) and time.monotonic() < deadline:
+        try:
+            got = q.get(timeout=0.5)
+        except Exception:  # queue.Empty: is anybody still working?
+            if all(not p.is_alive() for p in ps) and q.empty():
+                break
+            continue
+        heard += 1
+        if isinstance(got, dict):
+            errors.append(got["error"])
+        else:
+            results += got
+    for p in ps:
+        p.join(1)
+        if p.is_alive():
+            p.kill()
+    if errors or heard < len(ps):
+        say(event="error", text="race workers failed", errors=errors, heard=heard,
+            exitcodes=[p.exitcode for p in ps])
+        sys.exit(1)
+    lat = [r["latency"] for r in results if r["ok"]]
+    slow = [r for r in results if not r["ok"] or r["latency"] >= args.slow]
+    say(event="done", connects=len(results), ok=len(lat), failed=sum(not r["ok"] for r in results),
+        slow=sorted(slow, key=lambda r: (r["round"], r["src"])),
+        max_latency=max(lat) if lat else None, median_latency=sorted(lat)[len(lat) // 2] if lat else None)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m tracer.lab.traffic")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -184,8 +528,45 @@ def main(argv=None) -> None:
     i.add_argument("--offset", type=int, default=1 << 30)
     i.add_argument("--wait", type=float, default=15)
     i.add_argument("--quiet", type=float, default=0.3)
+    e = sub.add_parser("peer")
+    e.add_argument("--addr", required=True)
+    e.add_argument("--port", type=int, required=True)
+    e.add_argument("--listen", action="store_true")
+    e.add_argument("--bind", default="")
+    e.add_argument("--bind-port", type=int, default=0)
+    e.add_argument("--timeout", type=float, default=5)
+    e.add_argument("--backlog", type=int, default=16)
+    w = sub.add_parser("sniff")
+    w.add_argument("--iface", default="any")
+    w.add_argument("--port", type=int, default=0)
+    w.add_argument("--flags", default="")
+    w.add_argument("--wait", type=float, default=60)
+    k = sub.add_parser("sink")
+    k.add_argument("--addr", required=True)
+    k.add_argument("--port", type=int, required=True)
+    k.add_argument("--backlog", type=int, default=4096)
+    k.add_argument("--hold", action="store_true")
+    h = sub.add_parser("hold")
+    h.add_argument("--addr", required=True)
+    h.add_argument("--port", type=int, required=True)
+    h.add_argument("--bind", required=True)
+    h.add_argument("--count", type=int, default=100)
+    h.add_argument("--failures", type=int, default=3)
+    h.add_argument("--timeout", type=float, default=1.5)
+    r = sub.add_parser("race")
+    r.add_argument("--addr", required=True)
+    r.add_argument("--port", type=int, required=True)
+    r.add_argument("--src-base", required=True)
+    r.add_argument("--procs", type=int, default=8)
+    r.add_argument("--rounds", type=int, default=250)
+    r.add_argument("--base", type=int, default=20000)
+    r.add_argument("--spacing", type=float, default=0.004)
+    r.add_argument("--lead", type=float, default=0.5)
+    r.add_argument("--timeout", type=float, default=3.5)
+    r.add_argument("--slow", type=float, default=0.5)
     args = p.parse_args(argv)
-    {"server": serve, "client": client, "connect-many": connect_many, "inject": inject}[args.cmd](args)
+    {"server": serve, "client": client, "connect-many": connect_many, "inject": inject, "peer": peer,
+     "sniff": sniff, "sink": sink, "hold": hold, "race": race}[args.cmd](args)
 
 
 if __name__ == "__main__":
