@@ -546,10 +546,12 @@ def dhcp_renew(lab: NatLab, probe: str = "keepalive", client_after: bool = True)
 
 # -- conntrack entry timed out ------------------------------------------------------------
 def ct_expire(lab: NatLab, timeout: int = 3, probe: str = "data", client_after: bool = True,
-              wait: float = 5.0) -> Outcome:
+              wait: float = 5.0, evict: str = "listing") -> Outcome:
     """The router's entry of an idle connection times out (nf_conntrack_tcp_timeout_established
     lowered in the router's namespace to `timeout` s); the server then speaks first and the
     router answers RST, as in dhcp-renew."""
+    if evict not in ("listing", "lookup"):
+        raise LabError(f"evict must be listing or lookup, not {evict!r}")
     t_start = time.monotonic()
     key = "net.netfilter.nf_conntrack_tcp_timeout_established"
     lab.sysctl(lab.nat, key, timeout)
@@ -558,33 +560,44 @@ def ct_expire(lab: NatLab, timeout: int = 3, probe: str = "data", client_after: 
         t_idle = time.time()
         entry = find_entry(lab, CLI_ADDR, inside["sport"])
         count = lab.conntrack_count()
-        # poll the table until the entry is gone. Listing it evicts an expired entry (as the
-        # kernel's GC or the next packet's lookup would, whichever comes first); the GC's
-        # period is up to a minute, so normally the listing does it, right after expiry
         removed_by, deadline = None, time.monotonic() + timeout + wait
-        time.sleep(max(0.0, timeout - 0.5))
-        while time.monotonic() < deadline:
-            dropped = lab.conntrack_count() < count  # read without evicting anything
-            if find_entry(lab, CLI_ADDR, inside["sport"]) is None:
-                removed_by = "gc" if dropped else "ctnetlink-dump"
-                break
-            time.sleep(0.1)
+        if evict == "listing":
+            # poll the table until the entry is gone. Listing it evicts an expired entry (as
+            # the kernel's GC or the next packet's lookup would, whichever comes first); the
+            # GC's period is up to a minute, so normally the listing does it, right at expiry
+            time.sleep(max(0.0, timeout - 0.5))
+            while time.monotonic() < deadline:
+                dropped = lab.conntrack_count() < count  # read without evicting anything
+                if find_entry(lab, CLI_ADDR, inside["sport"]) is None:
+                    removed_by = "gc" if dropped else "ctnetlink-dump"
+                    break
+                time.sleep(0.1)
+        else:
+            # nobody looks at the table: the expired entry stays allocated until the GC or
+            # the server's segment (its lookup finds it expired and deletes it) removes it
+            time.sleep(timeout + 1.0)
+            removed_by = "gc" if lab.conntrack_count() < count else "lookup"
         t_gone = time.time()
-        gone = find_entry(lab, CLI_ADDR, inside["sport"]) is None
+        if evict == "listing":
+            gone = find_entry(lab, CLI_ADDR, inside["sport"]) is None
         after = _server_speaks_first(lab, client, server, outside, probe, client_after)
+        if evict == "lookup":  # the original (ASSURED) entry is not there any more
+            gone = not any(e["orig"].get("src") == CLI_ADDR and e["orig"].get("sport") == inside["sport"]
+                           and "ASSURED" in e["flags"] for e in lab.conntrack())
     rsts = sn.rsts()
     router = next((r for r in rsts if r["sender"] == "nat"), None)
     return Outcome("ct-expire", {
         "inside": inside, "outside": outside,
         "timeout": timeout, "sysctl": key,
         "entry_timeout_at_start": entry["timeout"] if entry else None,
-        "entry_gone": gone, "removed_by": removed_by,
+        "entry_gone": gone, "removed_by": removed_by, "evict": evict,
         "idle_seconds": after["probe_sent"] - t_idle,
-        "gone_after": t_gone - t_idle,
+        "gone_after": t_gone - t_idle if evict == "listing" else None,  # lookup: seen gone only after
         **after,
         "router_rst": router,
         "rsts": rsts,
-        "timestamps": {"idle_since": t_idle, "gone_seen": t_gone, "probe_sent": after["probe_sent"],
+        "timestamps": {"idle_since": t_idle, "gone_seen": t_gone if evict == "listing" else None,
+                       "probe_sent": after["probe_sent"],
                        "server_reset": after["server_reset_at"], "router_rst": router["ts"] if router else None,
                        "client_reset": after.get("client_reset_at")},
         "netns": netns_facts(lab),
