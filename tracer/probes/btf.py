@@ -6,6 +6,7 @@ otherwise compile against the headers' layouts and read wrong fields silently.
 """
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 
@@ -33,15 +34,22 @@ class _Type:
 
 
 class BTF:
-    def __init__(self, path: str = VMLINUX_BTF):
+    def __init__(self, path: str = VMLINUX_BTF, base: "BTF" = None):
+        """`base`: the vmlinux BTF a module's split BTF (/sys/kernel/btf/<module>) extends:
+        its type ids and string offsets continue those of the base."""
         try:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError as e:
             raise BTFError(f"cannot read BTF at {path}: {e.strerror}") from e
-        self._parse(data, path)
+        self._parse(data, path, base)
 
-    def _parse(self, d: bytes, path: str) -> None:
+    @classmethod
+    def of_module(cls, module: str, base: "BTF") -> "BTF":
+        """A loaded module's BTF (kernels with CONFIG_DEBUG_INFO_BTF_MODULES), over `base`."""
+        return cls(os.path.join(os.path.dirname(VMLINUX_BTF), module), base=base)
+
+    def _parse(self, d: bytes, path: str, base: "BTF" = None) -> None:
         if len(d) < 24:
             raise BTFError(f"{path}: too short for a BTF header")
         magic, _ver, _flags, hlen, toff, tlen, soff, slen = struct.unpack_from("<HBBIIIII", d, 0)
@@ -50,6 +58,12 @@ class BTF:
         self._strs = d[hlen + soff: hlen + soff + slen]
         self.types: list = [None]
         self._by_name: dict = {}
+        self._funcs: dict = {}     # function name -> FUNC_PROTO type id
+        if base is not None:
+            self._strs = base._strs + self._strs
+            self.types = list(base.types)
+            self._by_name = dict(base._by_name)
+            self._funcs = dict(base._funcs)
         p, end = hlen + toff, hlen + toff + tlen
         while p < end:
             name_off, info, size = struct.unpack_from("<III", d, p)
@@ -82,6 +96,8 @@ class BTF:
                 p += fixed + per * vlen
             t = _Type(self._str(name_off), kind, size, members)
             self.types.append(t)
+            if kind == FUNC and t.name:
+                self._funcs.setdefault(t.name, size)   # a FUNC's "type" is its FUNC_PROTO
             if t.name:
                 key = {STRUCT: "struct ", UNION: "union ", ENUM: "enum ", ENUM64: "enum ",
                        TYPEDEF: "typedef "}.get(kind)
@@ -156,3 +172,22 @@ class BTF:
         if proto.kind != FUNC_PROTO:
             raise BTFError(f"btf_trace_{tracepoint} is not a function pointer")
         return len(proto.members) - 1
+
+    def func_params(self, name: str):
+        """Parameter names of a kernel function, from its BTF FUNC record; None when BTF
+        does not describe it (not in this blob, or pahole left it out)."""
+        proto_id = self._funcs.get(name)
+        if proto_id is None:
+            return None
+        proto = self.types[self._resolve(proto_id)]
+        if proto.kind != FUNC_PROTO:
+            return None
+        # a variadic function ends with an unnamed parameter of type 0 ("...")
+        return [pname for pname, ptype in proto.members if pname or ptype]
+
+    def func_is_variadic(self, name: str) -> bool:
+        proto_id = self._funcs.get(name)
+        if proto_id is None:
+            return False
+        members = self.types[self._resolve(proto_id)].members
+        return bool(members) and members[-1] == ("", 0)
