@@ -18,9 +18,18 @@ TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 REQUIRED_TRACEPOINTS = ("tcp_send_reset", "tcp_receive_reset", "kfree_skb")
 # Functions the kprobe backend needs (present once netfilter modules are loaded).
 KPROBE_FUNCTIONS = ("tcp_v4_send_reset", "tcp_send_active_reset")
+# Every function the kprobe backend probes, and the module that holds it on stock kernels
+# (netfilter modules load lazily: their functions appear once conntrack/NAT is in use).
+KPROBE_POINTS = {
+    "tcp_v4_send_reset": "", "tcp_v6_send_reset": "", "tcp_send_active_reset": "",
+    "nf_ct_l4proto_log_invalid": "nf_conntrack", "__nf_conntrack_confirm": "nf_conntrack",
+    "nf_ct_resolve_clash": "nf_conntrack", "nf_ct_delete": "nf_conntrack", "early_drop": "nf_conntrack",
+    "nf_nat_setup_info": "nf_nat", "masq_inet_event": "nf_nat", "masq_inet6_event": "nf_nat",
+    "masq_device_event": "nf_nat", "iterate_cleanup_work": "nf_nat",
+}
 # Linux capability bits (include/uapi/linux/capability.h)
 CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
-IMPLEMENTED_BACKENDS = ("tracepoint",)
+IMPLEMENTED_BACKENDS = ("tracepoint", "kprobe")
 
 
 @dataclass
@@ -33,6 +42,8 @@ class Capabilities:
     tracepoints: dict = field(default_factory=dict)
     kprobes: bool = False
     kprobes_why: str = ""
+    # function -> {"present": bool, "why": str}: what the kprobe backend can probe now
+    kprobe_points: dict = field(default_factory=dict)
     matching_headers: str = ""
     fallback_headers: list = field(default_factory=list)
     bcc: str = ""
@@ -104,14 +115,38 @@ def kallsyms_has(names) -> dict:
     return found
 
 
-def _kprobes_usable(tracefs: str, conf: dict) -> tuple:
+def loaded_modules() -> set:
+    try:
+        with open("/proc/modules") as f:
+            return {line.split()[0] for line in f if line.strip()}
+    except OSError:
+        return set()
+
+
+def kprobe_points(found: dict) -> dict:
+    """Which functions of the kprobe backend are in kallsyms now, and why not."""
+    modules = loaded_modules()
+    points = {}
+    for fn, module in KPROBE_POINTS.items():
+        if found.get(fn):
+            why = f"in kallsyms{f' (module {module})' if module and module in modules else ''}"
+        elif module and module not in modules:
+            why = f"module {module} not loaded yet: the backend attaches it when it loads"
+        else:
+            why = "not in kallsyms (inlined or absent on this kernel): skipped"
+        points[fn] = {"present": bool(found.get(fn)), "why": why}
+    return points
+
+
+def _kprobes_usable(tracefs: str, conf: dict, found: dict = None) -> tuple:
     if conf and conf.get("CONFIG_KPROBES") != "y":
         return False, "kernel built without CONFIG_KPROBES"
     if tracefs and not os.path.exists(os.path.join(tracefs, "kprobe_events")):
         return False, f"no {tracefs}/kprobe_events (CONFIG_KPROBE_EVENTS off)"
     if not tracefs and not conf:
         return False, "no tracefs and no kernel config to tell"
-    missing = [n for n, ok in kallsyms_has(KPROBE_FUNCTIONS).items() if not ok]
+    found = found if found is not None else kallsyms_has(KPROBE_FUNCTIONS)
+    missing = [n for n in KPROBE_FUNCTIONS if not found.get(n)]
     if missing:
         return False, "kallsyms lacks " + ", ".join(sorted(missing))
     return True, "CONFIG_KPROBES=y, kprobe_events present, probe functions in kallsyms"
@@ -166,7 +201,9 @@ def detect() -> Capabilities:
         if not present and caps.tracefs:
             present = bool(glob.glob(os.path.join(caps.tracefs, "events", "*", tp)))
         caps.tracepoints[tp] = present
-    caps.kprobes, caps.kprobes_why = _kprobes_usable(caps.tracefs, conf)
+    found = kallsyms_has(set(KPROBE_FUNCTIONS) | set(KPROBE_POINTS))
+    caps.kprobes, caps.kprobes_why = _kprobes_usable(caps.tracefs, conf, found)
+    caps.kprobe_points = kprobe_points(found)
     build = f"/lib/modules/{release}/build"
     if os.path.exists(os.path.join(build, "include")):
         caps.matching_headers = build
