@@ -12,6 +12,7 @@ import structlog
 from .attribution import Attributor
 from .context import ContextGatherer
 from .decode import DecodeError, KernelNames, decode
+from .events import CT_DESTROY
 from .filters import VerdictFilter
 from .recording import Recorder
 from .schema import loss_record, status_record
@@ -19,6 +20,10 @@ from .summary import Summary
 
 log = structlog.get_logger("rst-tracer")
 LOSS_CHECK_INTERVAL = 0.5
+
+
+def _deletion_key(ev):
+    return (ev.netns, ev.entry.orig, ev.entry.reply) if ev.entry is not None else None
 
 
 def process_age() -> float:
@@ -70,19 +75,35 @@ class Watch:
     def process_batch(self) -> None:
         """Monitor events (deletions, address changes) before the kernel events of the same
         batch: a deletion always precedes the reset it explains, but its netlink message
-        may arrive while the reset is already queued in the ring buffer."""
-        for ev in self.gatherer.tick():
-            self.attribute(ev)
+        may arrive while the reset is already queued in the ring buffer.
+        A netlink DESTROY whose entry the kprobe backend reported deleting in this batch
+        (with the kernel's reason) is preceded by that record, taken out of its place: the
+        attribution keeps the reason of a deletion reported first by the kernel."""
+        monitored = self.gatherer.tick()
+        if monitored:
+            self.backend.poll(0)   # records emitted while the monitors were being read
         pending, self._pending = self._pending, []
-        for ev in pending:
-            try:
-                self.gatherer.enrich(ev)
-            except Exception as e:  # noqa: BLE001 — context is best effort, the event is not
-                self.context_errors += 1
-                log.warning("context gathering failed; attributing without it", error=repr(e))
+        probed = {_deletion_key(ev): i for i, ev in enumerate(pending) if ev.kind == CT_DESTROY}
+        done = set()
+        for ev in monitored:
+            i = probed.get(_deletion_key(ev)) if ev.kind == CT_DESTROY else None
+            if i is not None and i not in done:
+                done.add(i)
+                self._enrich_and_attribute(pending[i])
             self.attribute(ev)
+        for i, ev in enumerate(pending):
+            if i not in done:
+                self._enrich_and_attribute(ev)
         for sink in self.sinks:
             sink.flush()
+
+    def _enrich_and_attribute(self, ev) -> None:
+        try:
+            self.gatherer.enrich(ev)
+        except Exception as e:  # noqa: BLE001 — context is best effort, the event is not
+            self.context_errors += 1
+            log.warning("context gathering failed; attributing without it", error=repr(e))
+        self.attribute(ev)
 
     def attribute(self, ev) -> None:
         if self.recorder is not None:
