@@ -7,6 +7,10 @@
 #define KIND_RST_RECEIVED 2
 #define KIND_SKB_DROPPED 3
 #define KIND_MASQ_NOTIFIER 4
+// kprobe backend only
+#define KIND_CT_INVALID 5      // conntrack logged a TCP segment INVALID (or IGNORED), with why
+#define KIND_NAT_BINDING 6     // SNAT chose a tuple for a new TCP connection
+#define KIND_CT_DELETE 7       // nf_ct_delete of a NATed TCP entry, with the reason (ct_destroy)
 
 // wire/ABI constants, stable across kernels
 #define PROTO_TCP 6
@@ -51,6 +55,24 @@ struct rst_event {
     u16 ct_orig_dport;
     u16 ct_reply_sport;
     u16 ct_reply_dport;
+    // ---- appended for the kprobe backend: zero from the tracepoint backend ----
+    u16 probe_id;          // PROBE_* (bpf/kprobes.c): which probe; 0 = the kind's tracepoint
+    u8 ct_tcp_state;       // nf_conn.proto.tcp.state (enum tcp_conntrack)
+    u8 delete_reason;      // ct_delete: DEL_* (bpf/kprobes.c)
+    u32 nat_range_flags;   // nat_binding: nf_nat_range2.flags of the rule
+    u32 ct_timeout_left;   // ct_delete, nat_binding: seconds left before the entry expires
+    u32 detail_ifindex;    // ct_delete in a masquerade walk: the device
+    u8 detail_family;      // 4 or 6 when detail_addr holds the removed address
+    u8 ct_family;          // 4 or 6: family of the ct_* tuples
+    u8 inv_flags;          // ct_invalid: bit 0 = inv_str holds the first argument as a string
+    u8 pad2;
+    u32 pad3;
+    u64 inv_value[2];      // ct_invalid: the message's first two arguments (%u values)
+    u32 ct_window[8];      // ct_invalid: td_end, td_maxend, td_maxwin, td_scale; orig then reply
+    u8 detail_addr[16];
+    char detail_ifname[16];
+    char inv_str[16];
+    char inv_msg[80];      // ct_invalid: the message (template) conntrack logged
 };
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
