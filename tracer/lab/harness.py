@@ -15,7 +15,8 @@ from .topology import LabError, _project_root
 
 class TracerProcess:
     def __init__(self, *extra_args: str, record: str = "", env: dict = None):
-        self.args = [sys.executable, "-m", "tracer", "watch", "--json", *extra_args]
+        self.args = [sys.executable, "-m", "tracer", "watch", "--json", *extra_args] + \
+            (["--backend", os.environ["RST_TRACER_BACKEND"]] if os.environ.get("RST_TRACER_BACKEND") else [])
         if record:
             self.args += ["--record", os.path.abspath(record)]
         self.env = dict(os.environ, **(env or {}))
