@@ -100,8 +100,8 @@ def test_ipv6_resets_are_named_too():
     tracer = TracerProcess()
     tracer.start()
     with NatLab() as lab:
-        p = lab.spawn(lab.cli, ["connect-many", "--addr", SRV6_ADDR, "--port", "9", "--count", "5"])
-        assert scenarios.expect_line(p, "done")["outcomes"] == {"ECONNREFUSED": 5}
+        p = scenarios.follow(lab, lab.cli, ["connect-many", "--addr", SRV6_ADDR, "--port", "9", "--count", "5"])
+        assert p.wait("done")["outcomes"] == {"ECONNREFUSED": 5}
         srv = lab.netns_inode(lab.srv)
         verdicts = [v for v in tracer.stop() if v.get("type") == "verdict" and v["netns"] == srv]
     assert len(verdicts) == 5

@@ -142,9 +142,9 @@ def test_probes_of_netfilter_modules_attach_when_the_modules_load(tmp_path):
     with NatLab() as lab:
         time.sleep(3)   # refresh() runs every 0.5 s; reading kallsyms and loading takes a moment
         scenarios.start_server(lab)
-        client = lab.spawn(lab.cli, ["client", "--addr", SRV_ADDR, "--port", str(scenarios.SERVER_PORT)])
-        conn = scenarios.expect_line(client, "connected")
-        scenarios.expect_line(client, "response")
+        client = scenarios.follow(lab, lab.cli, ["client", "--addr", SRV_ADDR, "--port", str(scenarios.SERVER_PORT)])
+        conn = client.wait("connected")
+        client.wait("response")
         lab.exec(lab.nat, ["conntrack", "-D", "-p", "tcp", "--orig-port-src", str(conn["lport"])])
         nat = lab.netns_inode(lab.nat)
         t.stop()
@@ -206,45 +206,25 @@ def test_invalid_window_verdict_carries_conntracks_reason_and_window(tracer):
     assert ev["segment"]["seq"] == outcome.facts["injected_seq"]
 
 
-def _inject(lab: NatLab, offset: int) -> dict:
-    """invalid-window with the injected segment `offset` bytes from the server's snd_nxt."""
-    scenarios.start_server(lab)
-    injector = lab.spawn(lab.srv, ["inject", "--iface", "s0", "--sport", str(scenarios.SERVER_PORT),
-                                   f"--offset={offset}"])
-    scenarios.expect_line(injector, "sniffing")
-    client = lab.spawn(lab.cli, ["client", "--addr", SRV_ADDR, "--port", str(scenarios.SERVER_PORT)])
-    conn = scenarios.expect_line(client, "connected")
-    scenarios.expect_line(client, "response")
-    injected = scenarios.expect_line(injector, "injected")
-    time.sleep(0.3)
-    client.stdin.write("send\n")
-    client.stdin.flush()
-    after = scenarios.expect_line(client, "error", timeout=5) if KERNEL < (6, 1, 0) else \
-        scenarios.expect_line(client, "response", timeout=5)
-    client.stdin.write("quit\n")
-    client.stdin.flush()
-    return {"lport": conn["lport"], "seq": injected["seq"], "after": after.get("errno") or after["event"]}
-
-
 def test_segment_far_below_the_window_per_kernel(tracer):
     """<= 5.x: INVALID, not de-NATed, the router answers RST (incident 1). >= 6.1 ("ignore
     overly delayed tcp packets"): IGNORED, forwarded with NAT, no RST; conntrack still logs
     it, and the backend reports it (no verdict: nothing was reset)."""
     with NatLab() as lab:
-        got = _inject(lab, -(1 << 30))
+        got = scenarios.invalid_window(lab, offset=-(1 << 30)).facts
         nat = lab.netns_inode(lab.nat)
         verdicts = lab_verdicts(tracer, lab)
-    logged = [e for e in tracer.events() if e.kind == "ct_invalid" and e.netns == nat and e.seq == got["seq"]]
+    logged = [e for e in tracer.events() if e.kind == "ct_invalid" and e.netns == nat and e.seq == got["injected_seq"]]
     assert len(logged) == 1
     assert "lower bound" in logged[0].invalid_reason, logged[0].invalid_reason
     check_window(logged[0].window)
     unnat = [v for v in verdicts if v["cause"] == "conntrack_invalid_unnat"]
     if KERNEL < (6, 1, 0):
-        assert got["after"] == "ECONNRESET"
+        assert got["client_after"] == "ECONNRESET"
         assert len(unnat) == 1
         assert "lower bound" in evidence(unnat[0])["invalid_reason"]["reason"]
     else:
-        assert got["after"] == "response"      # the connection survived
+        assert got["client_after"] == "response"      # the connection survived
         assert not unnat
         assert not [v for v in verdicts if v["direction"] == "sent" and v["netns"] == nat]
 
@@ -266,14 +246,13 @@ def test_fifty_syns_to_a_closed_port_and_ipv6(tracer):
     with NatLab() as lab:
         outcome = scenarios.closed_port(lab, count=50)
         # IPv6: the same through tcp_v6_send_reset, and a v6 flow through ip6 MASQUERADE
-        v6 = lab.spawn(lab.cli, ["connect-many", "--addr", SRV6_ADDR, "--port", str(scenarios.CLOSED_PORT),
-                                 "--count", "5"])
-        done6 = scenarios.expect_line(v6, "done", timeout=30)
-        srv6 = lab.spawn(lab.srv, ["server", "--addr", SRV6_ADDR, "--port", str(scenarios.SERVER_PORT)])
-        scenarios.expect_line(srv6, "listening")
-        c6 = lab.spawn(lab.cli, ["client", "--addr", SRV6_ADDR, "--port", str(scenarios.SERVER_PORT)])
-        conn6 = scenarios.expect_line(c6, "connected")
-        scenarios.expect_line(c6, "response")
+        v6 = scenarios.follow(lab, lab.cli, ["connect-many", "--addr", SRV6_ADDR,
+                                             "--port", str(scenarios.CLOSED_PORT), "--count", "5"])
+        done6 = v6.wait("done", timeout=30)
+        scenarios.start_server(lab, addr=SRV6_ADDR)
+        c6 = scenarios.follow(lab, lab.cli, ["client", "--addr", SRV6_ADDR, "--port", str(scenarios.SERVER_PORT)])
+        conn6 = c6.wait("connected")
+        c6.wait("response")
         nat = lab.netns_inode(lab.nat)
         verdicts = lab_verdicts(tracer, lab)
     assert outcome.facts["outcomes"] == {"ECONNREFUSED": 50} and done6["outcomes"] == {"ECONNREFUSED": 5}

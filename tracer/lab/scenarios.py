@@ -37,87 +37,6 @@ class Outcome:
     facts: dict = field(default_factory=dict)
 
 
-def expect_line(proc, event: str, timeout: float = 10.0) -> dict:
-    """Next JSON line of a lab program whose `event` is `event` (or raise with its stderr)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-        if not r:
-            break
-        line = proc.stdout.readline()
-        if not line:
-            break
-        msg = json.loads(line)
-        if msg.get("event") == event:
-            return msg
-        if msg.get("event") == "error" and event != "error":
-            raise LabError(f"lab program reported an error waiting for {event!r}: {msg}")
-    err = proc.stderr.read() if proc.poll() is not None else ""
-    raise LabError(f"lab program did not report {event!r} within {timeout}s {err.strip()}")
-
-
-def start_server(lab: NatLab, port: int = SERVER_PORT):
-    srv = lab.spawn(lab.srv, ["server", "--addr", SRV_ADDR, "--port", str(port)])
-    expect_line(srv, "listening")
-    return srv
-
-
-def invalid_window(lab: NatLab) -> Outcome:
-    """Incident 1: a segment far above the window is INVALID at the router, is not
-    de-NATed, and the router's own stack answers RST; the client then gets ECONNRESET."""
-    start_server(lab)
-    injector = lab.spawn(lab.srv, ["inject", "--iface", "s0", "--sport", str(SERVER_PORT)])
-    expect_line(injector, "sniffing")
-    client = lab.spawn(lab.cli, ["client", "--addr", SRV_ADDR, "--port", str(SERVER_PORT)])
-    conn = expect_line(client, "connected")
-    expect_line(client, "response")
-    injected = expect_line(injector, "injected")
-    time.sleep(0.3)  # let the router's RST reach the server
-    client.stdin.write("send\n")
-    client.stdin.flush()
-    after = expect_line(client, "error", timeout=5) if not lab.drop_invalid else \
-        expect_line(client, "response", timeout=5)
-    client.stdin.write("quit\n")
-    client.stdin.flush()
-    nat_ip, nat_port = injected["dst"].rsplit(":", 1)
-    return Outcome("invalid-window", {
-        "inside": {"src": CLI_ADDR, "sport": conn["lport"], "dst": SRV_ADDR, "dport": SERVER_PORT},
-        "outside": {"src": nat_ip, "sport": int(nat_port), "dst": SRV_ADDR, "dport": SERVER_PORT},
-        "injected_seq": injected["seq"],
-        "client_after": after.get("errno") or after.get("event"),
-        "netns": {"cli": lab.netns_inode(lab.cli), "nat": lab.netns_inode(lab.nat),
-                  "srv": lab.netns_inode(lab.srv)},
-    })
-
-
-def closed_port(lab: NatLab, count: int = 50) -> Outcome:
-    """Ordinary resets: SYNs to a port nobody listens on, straight to the server's stack."""
-    proc = lab.spawn(lab.cli, ["connect-many", "--addr", SRV_ADDR, "--port", str(CLOSED_PORT),
-                               "--count", str(count)])
-    done = expect_line(proc, "done", timeout=30 + count * 0.01)
-    return Outcome("closed-port", {"count": count, "outcomes": done["outcomes"],
-                                   "port": CLOSED_PORT, "netns": {"srv": lab.netns_inode(lab.srv)}})
-
-
-# -- helpers for the scenarios below -----------------------------------------------------
-class ScenarioSkipped(LabError):
-    """The scenario cannot or may not run here (e.g. it needs an opt-in): skip, not fail."""
-
-
-RACE_SRC_BASE = 10          # snat-race clients: 10.200.1.10, .11, ... (/32s on c0)
-APP_ABORT_PORTS = (8081, 8082)
-VIP_MOVE_VIP = "10.200.2.100"
-ALLOW_GLOBAL_SYSCTL = "RST_TRACER_ALLOW_GLOBAL_SYSCTL"
-
-
-def tup(src: str, sport: int, dst: str, dport: int) -> dict:
-    return {"src": src, "sport": int(sport), "dst": dst, "dport": int(dport)}
-
-
-def netns_facts(lab: NatLab) -> dict:
-    return {"cli": lab.netns_inode(lab.cli), "nat": lab.netns_inode(lab.nat), "srv": lab.netns_inode(lab.srv)}
-
-
 class Follow:
     """Every JSON line of a lab program, read by a thread as it comes; wait() for one."""
 
@@ -188,6 +107,68 @@ class Follow:
 
 def follow(lab: NatLab, ns: str, args: list, label: str = "") -> Follow:
     return Follow(lab.spawn(ns, args), label or f"{args[0]} in {ns}")
+
+
+def start_server(lab: NatLab, port: int = SERVER_PORT, addr: str = SRV_ADDR) -> Follow:
+    srv = follow(lab, lab.srv, ["server", "--addr", addr, "--port", str(port)])
+    srv.wait("listening")
+    return srv
+
+
+def invalid_window(lab: NatLab, offset: int = 1 << 30) -> Outcome:
+    """Incident 1: a segment far above the window is INVALID at the router, is not
+    de-NATed, and the router's own stack answers RST; the client then gets ECONNRESET.
+    `offset` moves the injected segment (relative to the server's snd_nxt): far below the
+    window is INVALID before 6.1 and ignored since. `client_after` says what the client saw."""
+    start_server(lab)
+    injector = follow(lab, lab.srv, ["inject", "--iface", "s0", "--sport", str(SERVER_PORT),
+                                     f"--offset={offset}"])
+    injector.wait("sniffing")
+    client = follow(lab, lab.cli, ["client", "--addr", SRV_ADDR, "--port", str(SERVER_PORT)])
+    conn = client.wait("connected")
+    client.wait("response")
+    injected = injector.wait("injected")
+    time.sleep(0.3)  # let the router's RST reach the server
+    after = client.cmd("send", ("error", "response"))
+    client.proc.stdin.write("quit\n")
+    client.proc.stdin.flush()
+    nat_ip, nat_port = injected["dst"].rsplit(":", 1)
+    return Outcome("invalid-window", {
+        "inside": {"src": CLI_ADDR, "sport": conn["lport"], "dst": SRV_ADDR, "dport": SERVER_PORT},
+        "outside": {"src": nat_ip, "sport": int(nat_port), "dst": SRV_ADDR, "dport": SERVER_PORT},
+        "injected_seq": injected["seq"],
+        "client_after": after.get("errno") or after.get("event"),
+        "netns": {"cli": lab.netns_inode(lab.cli), "nat": lab.netns_inode(lab.nat),
+                  "srv": lab.netns_inode(lab.srv)},
+    })
+
+
+def closed_port(lab: NatLab, count: int = 50) -> Outcome:
+    """Ordinary resets: SYNs to a port nobody listens on, straight to the server's stack."""
+    proc = follow(lab, lab.cli, ["connect-many", "--addr", SRV_ADDR, "--port", str(CLOSED_PORT),
+                                 "--count", str(count)])
+    done = proc.wait("done", timeout=30 + count * 0.01)
+    return Outcome("closed-port", {"count": count, "outcomes": done["outcomes"],
+                                   "port": CLOSED_PORT, "netns": {"srv": lab.netns_inode(lab.srv)}})
+
+
+# -- helpers for the scenarios below -----------------------------------------------------
+class ScenarioSkipped(LabError):
+    """The scenario cannot or may not run here (e.g. it needs an opt-in): skip, not fail."""
+
+
+RACE_SRC_BASE = 10          # snat-race clients: 10.200.1.10, .11, ... (/32s on c0)
+APP_ABORT_PORTS = (8081, 8082)
+VIP_MOVE_VIP = "10.200.2.100"
+ALLOW_GLOBAL_SYSCTL = "RST_TRACER_ALLOW_GLOBAL_SYSCTL"
+
+
+def tup(src: str, sport: int, dst: str, dport: int) -> dict:
+    return {"src": src, "sport": int(sport), "dst": dst, "dport": int(dport)}
+
+
+def netns_facts(lab: NatLab) -> dict:
+    return {"cli": lab.netns_inode(lab.cli), "nat": lab.netns_inode(lab.nat), "srv": lab.netns_inode(lab.srv)}
 
 
 class Sniffers:
