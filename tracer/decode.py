@@ -149,8 +149,8 @@ def decode(raw: bytes, names: KernelNames) -> KernelEvent:
     if kind_name == CT_INVALID:
         extra["invalid_reason"] = format_invalid(_cstr(inv_msg), (inv_v0, inv_v1),
                                                  _cstr(inv_str) if inv_flags & 1 else None)
-        extra["window"] = {d: dict(zip(("td_end", "td_maxend", "td_maxwin", "td_scale"), ct_window[i * 4:i * 4 + 4]))
-                           for i, d in enumerate(("orig", "reply"))}
+        extra["ct_window"] = {d: dict(zip(("td_end", "td_maxend", "td_maxwin", "td_scale"), ct_window[i * 4:i * 4 + 4]))
+                              for i, d in enumerate(("orig", "reply"))}
     elif kind_name == NAT_BINDING:
         extra["nat_range_flags"] = nat_range_flags
         family = ct_fam
@@ -160,8 +160,6 @@ def decode(raw: bytes, names: KernelNames) -> KernelEvent:
         family = ct_fam
     elif kind_name == MASQ_NOTIFIER and probe_id:
         extra["address"] = _detail(detail_family, detail_addr, "", 0).get("address", "")
-    # ct_invalid: `window` is conntrack's window state instead of the segment's TCP window
-    window = extra.pop("window", window)
     notifier = ""
     if kind_name == MASQ_NOTIFIER:
         notifier = MASQ_NOTIFIER_PROBES.get(probe_id) or (

@@ -170,8 +170,8 @@ class KernelEvent:
     address: str = ""            # addr_removed: the address
     # kprobe backend
     invalid_reason: str = ""     # ct_invalid: conntrack's message, e.g. "SEQ is over upper bound ..."
-    window: dict = field(default_factory=dict)  # ct_invalid: td_end/td_maxend/td_maxwin/td_scale
-                                                # per direction: {"orig": {...}, "reply": {...}}
+    ct_window: dict = field(default_factory=dict)  # ct_invalid: td_end/td_maxend/td_maxwin/td_scale
+                                                   # per direction: {"orig": {...}, "reply": {...}}
     nat_range_flags: int = 0     # nat_binding: NF_NAT_RANGE_* of the rule (RANDOM=4, RANDOM_FULLY=16)
     delete_reason: str = ""      # ct_destroy: masquerade | device | timeout | ctnetlink | early_drop | ...
     delete_detail: dict = field(default_factory=dict)  # e.g. {"address": ..., "ifname": ...}

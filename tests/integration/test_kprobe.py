@@ -217,7 +217,7 @@ def test_segment_far_below_the_window_per_kernel(tracer):
     logged = [e for e in tracer.events() if e.kind == "ct_invalid" and e.netns == nat and e.seq == got["injected_seq"]]
     assert len(logged) == 1
     assert "lower bound" in logged[0].invalid_reason, logged[0].invalid_reason
-    check_window(logged[0].window)
+    check_window(logged[0].ct_window)
     unnat = [v for v in verdicts if v["cause"] == "conntrack_invalid_unnat"]
     if KERNEL < (6, 1, 0):
         assert got["client_after"] == "ECONNRESET"
@@ -342,7 +342,4 @@ def test_ct_expire_deletion_is_a_timeout(tracer):
     assert gone[0].delete_reason == "timeout" and gone[0].entry.timeout == 0
     assert all(e.delete_reason == "other" for e in gone[1:])
     ev = evidence(hits[0])
-    if "delete_reason" not in ev:
-        pytest.xfail("ConntrackExpired (tracer/attribution/rules.py) does not put the kernel's "
-                     "delete_reason in its evidence yet; the kprobe event has it (checked above)")
     assert ev["delete_reason"]["reason"] == "timeout"

@@ -61,7 +61,7 @@ def test_ct_invalid_gets_the_message_with_its_value_and_the_window():
                     w0=1, w1=2, w2=3, w3=7, w4=5, w5=6, w6=7, w7=0, **ct_tuples()), NAMES)
     assert ev.kind == CT_INVALID and ev.probe == "kprobe:nf_ct_l4proto_log_invalid"
     assert ev.invalid_reason == "SEQ is over upper bound 1453621076 (over the window of the receiver)"
-    assert ev.window == {"orig": {"td_end": 1, "td_maxend": 2, "td_maxwin": 3, "td_scale": 7},
+    assert ev.ct_window == {"orig": {"td_end": 1, "td_maxend": 2, "td_maxwin": 3, "td_scale": 7},
                          "reply": {"td_end": 5, "td_maxend": 6, "td_maxwin": 7, "td_scale": 0}}
     assert str(ev.flow) == "10.200.2.2:8080 > 10.200.2.1:40000" and ev.seq == 7
     assert ev.skb_ct.tcp_state == "ESTABLISHED" and ev.reason == ""

@@ -124,7 +124,7 @@ class ConntrackInvalidUnnat(Rule):
                          {"reason": verdict.invalid_reason, "seq": verdict.seq, "ack": verdict.ack,
                           "len": verdict.payload_len}),
                 Evidence("tcp_window", "conntrack's window state of the flow (td_end, td_maxend, "
-                         "td_maxwin, td_scale per direction)", verdict.window)]
+                         "td_maxwin, td_scale per direction)", verdict.ct_window)]
 
     def _dnat_side(self, ev, hit, state):
         ct = hit["entry"]
@@ -177,6 +177,9 @@ def deletion_evidence(ev: KernelEvent, gone: Deletion, how: str, hit: Optional[d
     out = [Evidence("deleted_entry", f"conntrack entry inside {e.orig}, NATed {e.reply.reversed()} "
                     f"was deleted {ev.ts - gone.ts:.3f}s before this reset", dict(e.to_dict(), deleted_ts=gone.ts)),
            segment_evidence(ev)]
+    if gone.reason:   # kprobe backend: the kernel's own reason for the deletion
+        out.insert(0, Evidence("delete_reason", f"the kernel deleted the entry: {gone.reason} "
+                               f"{gone.detail or ''}".strip(), dict(gone.detail, reason=gone.reason)))
     if how == "unnated":
         out.append(Evidence("unnated_segment", "the segment arrived with no entry to de-NAT it and "
                             "reached this host's own stack at the NAT address", {"has_ct": ev.has_ct}))
@@ -218,9 +221,6 @@ class ConntrackFlushed(Rule):
         if gone.expired and (trigger is None or gone.reason == "timeout"):
             return None   # ConntrackExpired
         evidence = deletion_evidence(ev, gone, how, hit)
-        if gone.reason:
-            evidence.insert(0, Evidence("delete_reason", f"the kernel deleted the entry: {gone.reason} "
-                                        f"{gone.detail or ''}".strip(), dict(gone.detail, reason=gone.reason)))
         if trigger is not None:
             evidence.insert(0, Evidence("flush_trigger", f"{trigger.describe()} in namespace "
                                         f"{trigger.netns_name or trigger.netns} {gone.ts - trigger.ts:+.3f}s "
