@@ -8,8 +8,6 @@ Run as root: .venv/bin/python bench/storm.py [--rate 20000] [--seconds 10]
 import argparse
 import json
 import os
-import select
-import statistics
 import subprocess
 import sys
 import threading

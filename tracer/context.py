@@ -9,13 +9,11 @@ reproduces live verdicts exactly.
 """
 from __future__ import annotations
 
-import ctypes
 import glob
 import os
 import select
 import socket
 import struct
-import subprocess
 import time
 
 import structlog
@@ -25,6 +23,8 @@ from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
+from .netns import in_netns, read_conntrack_sysctls
+from .nfrules import SOURCE_NAT, read_rules
 from .events import (ADDR_REMOVED, CT_DESTROY, IPS_DST_NAT, IPS_SRC_NAT, LINK_DOWN, RST_SENT,
                      SKB_DROPPED, ConntrackEntry, Endpoint, KernelEvent, Tuple)
 
@@ -197,55 +197,15 @@ def _parse_ct_destroy(raw: bytes):
                           status=status, tcp_state=state, timeout=timeout or 0)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
-_OWN_NETNS = os.open("/proc/self/ns/net", os.O_RDONLY)
-
-
-def in_netns(path: str, fn):
-    """Run fn() with this thread inside the namespace at `path`: sockets created there stay
-    bound to it, /proc/sys/net shows its values. A setns() pair costs ~50 µs, where
-    pyroute2's netns helpers fork a child (~5 ms) — too slow where namespaces churn."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if _libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({path}): {os.strerror(err)}")
-        try:
-            return fn()
-        finally:
-            if _libc.setns(_OWN_NETNS, CLONE_NEWNET) != 0:  # never go on in the wrong namespace
-                raise RuntimeError("cannot return to the tracer's own network namespace")
-    finally:
-        os.close(fd)
-
-
 def read_sysctls(path: str) -> dict:
-    def read():
-        out = {}
-        for key in SYSCTLS:
-            try:
-                with open(f"/proc/sys/net/netfilter/{key}") as f:
-                    out[key] = int(f.read().split()[0])
-            except (OSError, ValueError):
-                pass
-        return out
-    return in_netns(path, read)
+    return in_netns(path, lambda: read_conntrack_sysctls(SYSCTLS)) or {}
 
 
 def read_nat_rules(path: str) -> dict:
-    """MASQUERADE/SNAT rules of the namespace and whether they all randomise fully
-    (iptables, legacy or nft flavour; the tool prints its own namespace's rules)."""
-    rules = []
-    for tool in ("iptables-save", "ip6tables-save"):
-        try:
-            p = subprocess.run(["nsenter", f"--net={path}", tool, "-t", "nat"], capture_output=True,
-                               text=True, timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-        rules += [line for line in p.stdout.splitlines()
-                  if line.startswith("-A") and ("-j MASQUERADE" in line or "-j SNAT" in line)]
-    return {"rules": rules, "random_fully": bool(rules) and all("--random-fully" in r for r in rules)}
+    """Source-NAT rules of the namespace (iptables legacy/nft and nft, as doctor reads them)
+    and whether they all randomise fully."""
+    rules = [r for r in in_netns(path, read_rules).nat if r.kind in SOURCE_NAT]
+    return {"rules": [r.text for r in rules], "random_fully": bool(rules) and all(r.random_fully for r in rules)}
 
 
 class TimedCache:

@@ -8,14 +8,15 @@ import sys
 import pytest
 
 from tracer.doctor import check_backend, format_text
-from tracer.doctor.conntrack import check_conntrack, parse_sysctl_value
+from tracer.doctor.conntrack import check_conntrack
 from tracer.doctor.findings import Finding, exposed_incidents
 from tracer.doctor.kernel import below_window_is_invalid, check_kernel
 from tracer.doctor.networkd import (NetworkFile, check_networkd, evaluate_network, load_networks,
                                     matches_interfaces, parse_unit)
-from tracer.doctor.rules import (RuleSet, check_invalid_drop, check_masquerade_flush, check_random_fully,
-                                 nft_rule_drops_invalid, nft_rule_with_fully_random, parse_iptables_save,
-                                 parse_nft_json, parse_nft_text_handles)
+from tracer.doctor.rules import check_invalid_drop, check_masquerade_flush, check_random_fully
+from tracer.netns import parse_sysctl_value
+from tracer.nfrules import (RuleSet, nft_rule_drops_invalid, nft_rule_with_fully_random, parse_iptables_save,
+                            parse_nft_json, parse_nft_text_handles)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -13,15 +13,6 @@ TCP_KNOBS = ("nf_conntrack_tcp_be_liberal", "nf_conntrack_tcp_loose", "nf_conntr
              "nf_conntrack_tcp_ignore_invalid_rst", "nf_conntrack_tcp_max_retrans")
 
 
-def parse_sysctl_value(text: str):
-    """'262144\\n' -> 262144; '1 2\\n' -> '1 2'; anything else stays a string."""
-    text = text.strip()
-    try:
-        return int(text)
-    except ValueError:
-        return text
-
-
 def check_conntrack(sysctls: Optional[dict], prefix: str = "", host: bool = True) -> list:
     """Findings for the conntrack table and TCP tracking settings of one namespace.
     `prefix` runs a command in that namespace (e.g. "ip netns exec NAME "); `host` is

@@ -1,38 +1,21 @@
 """Reading the host: which namespace to look at, its conntrack sysctls and its rule sets.
 
-Everything namespace-specific runs in a helper thread that setns()es into the target
-namespace: /proc/sys/net and /proc/thread-self/net show that namespace there, and the
-rule tools it starts (iptables-save, nft) inherit it. The calling thread never moves.
+Everything namespace-specific runs with the thread inside the target namespace
+(tracer.netns.in_netns): /proc/sys/net and /proc/thread-self/net show that namespace, and
+the rule tools it starts (iptables-save, nft) inherit it.
 """
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import glob
 import os
-import shutil
-import subprocess
-import threading
 from dataclasses import dataclass
 from typing import Optional
 
-from .conntrack import parse_sysctl_value
-from .rules import V4, V6, IPTABLES_TABLES, RuleSet, parse_iptables_save, parse_nft_json, \
-    parse_nft_text_handles
+from ..netns import CLONE_NEWNET, in_netns, read_conntrack_sysctls
+from ..nfrules import RuleSet, read_rules
 
-CLONE_NEWNET = 0x40000000
 NS_GET_NSTYPE = 0xB703   # ioctl on a namespace file: its CLONE_NEW* type
-SYSCTL_DIR = "/proc/sys/net/netfilter"
-TOOL_TIMEOUT = 15
-# (source, family, save command, edit command); a flavour whose tool is missing is skipped
-IPTABLES_FLAVOURS = (
-    ("iptables-legacy", V4, "iptables-legacy-save", "iptables-legacy"),
-    ("iptables-nft", V4, "iptables-nft-save", "iptables-nft"),
-    ("iptables-legacy", V6, "ip6tables-legacy-save", "ip6tables-legacy"),
-    ("iptables-nft", V6, "ip6tables-nft-save", "ip6tables-nft"),
-)
-# iptables < 1.8 has neither -legacy nor -nft names
-IPTABLES_PLAIN = (("iptables", V4, "iptables-save", "iptables"), ("iptables", V6, "ip6tables-save", "ip6tables"))
 
 
 class TargetError(ValueError):
@@ -126,108 +109,6 @@ def resolve_target(spec=None) -> Target:
     return Target(path, ino, named.get(ino, ("", ""))[0], False, ino == host_ino)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def in_netns(target: Target, fn):
-    """fn() in the target namespace (a helper thread that setns()es), or here if it is ours."""
-    if target.own or target.path is None:
-        return fn()
-    box: dict = {}
-
-    def runner():
-        try:
-            fd = os.open(target.path, os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    err = ctypes.get_errno()
-                    raise OSError(err, f"setns({target.path}): {os.strerror(err)}")
-            finally:
-                os.close(fd)
-            box["value"] = fn()   # this thread ends here, still in the target namespace
-        except BaseException as e:  # noqa: BLE001 -- re-raised in the caller
-            box["error"] = e
-
-    t = threading.Thread(target=runner, name="doctor-netns", daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
-def read_sysctls() -> Optional[dict]:
-    """Every nf_conntrack_* value of the calling thread's namespace; None without conntrack."""
-    try:
-        names = os.listdir(SYSCTL_DIR)
-    except OSError:
-        return None
-    if "nf_conntrack_max" not in names:
-        return None
-    out = {}
-    for n in names:
-        if not n.startswith("nf_conntrack_"):
-            continue
-        try:
-            with open(os.path.join(SYSCTL_DIR, n)) as f:
-                out[n] = parse_sysctl_value(f.read())
-        except OSError:
-            pass
-    return out
-
-
-def _run(cmd: list) -> tuple:
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=TOOL_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        return None, f"{cmd[0]} timed out after {TOOL_TIMEOUT} s"
-    except OSError as e:
-        return None, f"{cmd[0]}: {e.strerror}"
-    if p.returncode != 0:
-        err = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
-        return None, f"{' '.join(cmd)}: {err}"
-    return p.stdout, ""
-
-
-def read_rules(prefix: str = "") -> RuleSet:
-    """Every flavour present: iptables legacy and nft (v4 and v6), then native nft. Without
-    `-t`, *-save dumps only the tables that exist: reading never creates one."""
-    rs = RuleSet()
-    flavours = [f for f in IPTABLES_FLAVOURS if shutil.which(f[2])]
-    if not any(f[1] == V4 for f in flavours):
-        flavours += [f for f in IPTABLES_PLAIN if f[1] == V4 and shutil.which(f[2])]
-    if not any(f[1] == V6 for f in flavours):
-        flavours += [f for f in IPTABLES_PLAIN if f[1] == V6 and shutil.which(f[2])]
-    for source, family, save, tool in flavours:
-        text, err = _run([save])
-        if text is None:
-            rs.read.append({"source": save, "status": "error", "detail": err})
-            continue
-        rs.extend(parse_iptables_save(text, family, source, tool, prefix))
-        rs.read.append({"source": save, "status": "read"})
-    for source, family, save, tool in IPTABLES_FLAVOURS:
-        if not any(save == f[2] for f in flavours):
-            rs.read.append({"source": save, "status": "absent"})
-    if shutil.which("nft"):
-        text, err = _run(["nft", "-j", "list", "ruleset"])
-        if text is None:
-            rs.read.append({"source": "nft", "status": "error", "detail": err})
-        else:
-            listing, _ = _run(["nft", "-a", "list", "ruleset"])
-            handles = parse_nft_text_handles(listing or "")
-            # tables iptables-nft-save listed are read from there (xt rules are unreadable here)
-            skip = frozenset(("ip6" if fam == V6 else "ip", t) for src, fam, t in rs.tables
-                             if src == "iptables-nft" and t in IPTABLES_TABLES)
-            try:
-                rs.extend(parse_nft_json(text, prefix, handles, skip))
-                rs.read.append({"source": "nft", "status": "read"})
-            except ValueError as e:
-                rs.read.append({"source": "nft", "status": "error", "detail": f"bad JSON: {e}"})
-    else:
-        rs.read.append({"source": "nft", "status": "absent"})
-    return rs
-
-
 @dataclass
 class NamespaceState:
     sysctls: Optional[dict]
@@ -242,5 +123,5 @@ def read_namespace(target: Target) -> NamespaceState:
                 ifaces = sorted(line.split(":")[0].strip() for line in f.readlines()[2:])
         except OSError:
             ifaces = []
-        return NamespaceState(read_sysctls(), read_rules(target.prefix), ifaces)
-    return in_netns(target, read)
+        return NamespaceState(read_conntrack_sysctls(), read_rules(target.prefix), ifaces)
+    return in_netns(None if target.own else target.path, read)

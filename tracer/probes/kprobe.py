@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .btf import BTF, BTFError
 from .capabilities import Capabilities, _kernel_config
