@@ -222,9 +222,15 @@ class ConntrackFlushed(Rule):
             return None   # ConntrackExpired
         evidence = deletion_evidence(ev, gone, how, hit)
         if trigger is not None:
+            notifier = state.notifier_for(trigger)
+            if notifier is not None:
+                evidence.insert(0, Evidence("masquerade_notifier", f"the masquerade cleanup "
+                                            f"{notifier.notifier} ran for it", notifier.to_dict()))
+            lead = gone.ts - trigger.ts   # netlink may deliver the address event after the DESTROYs
             evidence.insert(0, Evidence("flush_trigger", f"{trigger.describe()} in namespace "
-                                        f"{trigger.netns_name or trigger.netns} {gone.ts - trigger.ts:+.3f}s "
-                                        f"before the deletion", trigger.to_dict()))
+                                        f"{trigger.netns_name or trigger.netns}, {abs(lead):.3f}s "
+                                        f"{'before' if lead >= 0 else 'after'} the deletion was seen",
+                                        trigger.to_dict()))
         nat = nat_tuples(gone.entry)
         keys = [gone.entry.orig.endpoints(), gone.entry.reply.endpoints()]
         if hit is not None:

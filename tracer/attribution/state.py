@@ -12,6 +12,8 @@ from ..events import ADDR_REMOVED, LINK_DOWN, MASQ_NOTIFIER, ConntrackEntry, Ker
 # a deletion is blamed on an address/device event this close to it (the masquerade
 # cleanup runs from a work queue since 5.15, so the deletions may trail the event)
 TRIGGER_WINDOW_S = 5.0
+# a netlink address/link event is read a little after the kernel's notifier ran
+NOTIFIER_SLACK_S = 1.0
 # an entry deleted with at most this much of its timeout left expired
 EXPIRED_TIMEOUT_LEFT_S = 1
 
@@ -68,9 +70,7 @@ class Trigger:
     def describe(self) -> str:
         if self.kind == ADDR_REMOVED:
             return f"removal of address {self.address} from {self.ifname or 'an interface'}"
-        if self.kind == LINK_DOWN:
-            return f"interface {self.ifname or '?'} going down"
-        return f"the masquerade notifier {self.notifier or '?'}"
+        return f"interface {self.ifname or '?'} going down"
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "netns": self.netns, "ifname": self.ifname,
@@ -149,10 +149,26 @@ class AttributionState:
         self._triggers.setdefault(ev.netns, deque(maxlen=256)).append(t)
 
     def trigger_near(self, netns: int, ts: float) -> Optional[Trigger]:
-        """The address/device event closest to a deletion in that namespace, if any is
-        within TRIGGER_WINDOW_S (an address removal is the most telling of them)."""
-        near = [t for t in self._triggers.get(netns, ()) if abs(ts - t.ts) <= TRIGGER_WINDOW_S]
+        """The address removal or device-down event closest to a deletion in that namespace,
+        if any is within TRIGGER_WINDOW_S (an address removal is the most telling of them).
+        A masquerade notifier run alone is no trigger: it runs for every address and device
+        event (additions, new veths), not only the ones that flush."""
+        near = [t for t in self._triggers.get(netns, ())
+                if t.kind in (ADDR_REMOVED, LINK_DOWN) and abs(ts - t.ts) <= TRIGGER_WINDOW_S]
         if not near:
             return None
-        rank = {ADDR_REMOVED: 0, LINK_DOWN: 1, MASQ_NOTIFIER: 2}
-        return min(near, key=lambda t: (rank.get(t.kind, 3), abs(ts - t.ts)))
+        return min(near, key=lambda t: (t.kind != ADDR_REMOVED, abs(ts - t.ts)))
+
+    def notifier_for(self, trigger: Trigger) -> Optional[Trigger]:
+        """The masquerade notifier run that answered an address removal or device-down
+        event (corroboration that the MASQUERADE cleanup ran). Looked for in every
+        namespace: the tracepoint knows only the namespace of the task that made the change,
+        which need not be the namespace of the address (netlink sockets opened elsewhere)."""
+        if trigger.kind == LINK_DOWN:
+            name = "masq_device_event"
+        else:
+            name = "masq_inet6_event" if ":" in trigger.address else "masq_inet_event"
+        near = [t for runs in self._triggers.values() for t in runs
+                if t.kind == MASQ_NOTIFIER and t.notifier == name
+                and -NOTIFIER_SLACK_S <= trigger.ts - t.ts <= NOTIFIER_SLACK_S]
+        return min(near, key=lambda t: abs(trigger.ts - t.ts)) if near else None
