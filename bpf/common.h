@@ -15,6 +15,7 @@
 // wire/ABI constants, stable across kernels
 #define PROTO_TCP 6
 #define FAMILY_INET 2
+#define TCP_STATE_LISTEN 10     // include/net/tcp_states.h (stable)
 #define FAMILY_INET6 10
 
 // Layout mirrored by tracer/decode.py (RAW_EVENT); change both together.
@@ -66,7 +67,8 @@ struct rst_event {
     u8 ct_family;          // 4 or 6: family of the ct_* tuples
     u8 inv_flags;          // ct_invalid: bit 0 = inv_str holds the first argument as a string
     u8 pad2;
-    u32 pad3;
+    u16 accept_queue;      // listener: sk_ack_backlog (capped at 65535)
+    u16 accept_queue_max;  // listener: sk_max_ack_backlog
     u64 inv_value[2];      // ct_invalid: the message's first two arguments (%u values)
     u32 ct_window[8];      // ct_invalid: td_end, td_maxend, td_maxwin, td_scale; orig then reply
     u8 detail_addr[16];
@@ -194,6 +196,12 @@ static __always_inline void fill_from_skb(struct rst_event *e, u64 skb)
 static __always_inline void fill_from_sock(struct rst_event *e, u64 sk, int tuple_from_sock)
 {
     e->sk_state = rd8(sk + OFF_SOCK_SKC_STATE);
+    if (e->sk_state == TCP_STATE_LISTEN) {
+        // a listener resetting a handshake's ACK: was its accept queue full?
+        u32 q = rd32(sk + OFF_SOCK_SK_ACK_BACKLOG), max = rd32(sk + OFF_SOCK_SK_MAX_ACK_BACKLOG);
+        e->accept_queue = q > 0xffff ? 0xffff : q;
+        e->accept_queue_max = max > 0xffff ? 0xffff : max;
+    }
     if (!e->netns)
         e->netns = netns_of_net(rd64(sk + OFF_SOCK_SKC_NET));
     if (!tuple_from_sock)

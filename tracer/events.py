@@ -158,6 +158,8 @@ class KernelEvent:
     ct_status: int = 0
     has_sock: bool = False
     sk_state: str = ""
+    accept_queue: int = 0        # a listener's sk_ack_backlog / sk_max_ack_backlog
+    accept_queue_max: int = 0
     reason: str = ""             # kernel reason name without prefix, e.g. NO_SOCKET
     reason_code: int = 0
     location: str = ""           # kfree_skb call site symbol

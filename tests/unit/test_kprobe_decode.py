@@ -16,7 +16,8 @@ COMMON_H = Path(__file__).resolve().parents[2] / "bpf" / "common.h"
 FIELDS = ("ts_ns skb sk location kind reason netns ifindex ct_status pid seq ack sport dport payload_len "
           "window family tcp_flags has_ct ctinfo sk_state has_skb saddr daddr comm notifier_cb o_saddr "
           "o_daddr r_saddr r_daddr o_sport o_dport r_sport r_dport probe_id ct_tcp_state delete_reason "
-          "nat_range_flags ct_timeout_left detail_ifindex detail_family ct_family inv_flags inv_v0 inv_v1 "
+          "nat_range_flags ct_timeout_left detail_ifindex detail_family ct_family inv_flags accept_queue "
+          "accept_queue_max inv_v0 inv_v1 "
           "w0 w1 w2 w3 w4 w5 w6 w7 detail_addr detail_ifname inv_str inv_msg").split()
 V4 = lambda a: socket.inet_aton(a) + b"\0" * 12  # noqa: E731
 
@@ -62,7 +63,7 @@ def test_ct_invalid_gets_the_message_with_its_value_and_the_window():
     assert ev.kind == CT_INVALID and ev.probe == "kprobe:nf_ct_l4proto_log_invalid"
     assert ev.invalid_reason == "SEQ is over upper bound 1453621076 (over the window of the receiver)"
     assert ev.ct_window == {"orig": {"td_end": 1, "td_maxend": 2, "td_maxwin": 3, "td_scale": 7},
-                         "reply": {"td_end": 5, "td_maxend": 6, "td_maxwin": 7, "td_scale": 0}}
+                            "reply": {"td_end": 5, "td_maxend": 6, "td_maxwin": 7, "td_scale": 0}}
     assert str(ev.flow) == "10.200.2.2:8080 > 10.200.2.1:40000" and ev.seq == 7
     assert ev.skb_ct.tcp_state == "ESTABLISHED" and ev.reason == ""
 
@@ -130,3 +131,10 @@ def test_kernel_btf_func_records():
     btf = BTF()
     assert btf.func_params("tcp_v4_send_reset")[:2] == ["sk", "skb"]
     assert btf.func_params("no_such_function_here") is None
+
+
+def test_a_listener_reset_carries_its_accept_queue():
+    ev = decode(raw(kind=1, family=4, sk=1, sk_state=10, has_skb=1, tcp_flags=0x10, accept_queue=3,
+                    accept_queue_max=1, saddr=V4("10.200.2.1"), daddr=V4("10.200.2.2"), sport=40000,
+                    dport=8084), NAMES)
+    assert ev.sk_state == "LISTEN" and (ev.accept_queue, ev.accept_queue_max) == (3, 1)

@@ -391,16 +391,28 @@ class FirewallDrop(Rule):
 
 # -- ordinary resets -------------------------------------------------------------------
 class ListenOverflow(Rule):
-    """A connection request dropped because the listener's accept queue was full."""
+    """A handshake that completed while the listener's accept queue was full: its final ACK
+    is dropped (kernel >= 6.15 says TCP_LISTEN_OVERFLOW), or, with tcp_abort_on_overflow=1,
+    answered with RST (the kernel then gives a generic reason: the queue depth tells)."""
     cause = "listen_overflow"
     REMEDY = Remedy("The application does not accept() fast enough: raise its listen backlog "
-                    "and net.core.somaxconn, or accept faster.", ["sysctl -w net.core.somaxconn=4096"])
+                    "and net.core.somaxconn, or accept faster. With tcp_abort_on_overflow=1 "
+                    "clients see resets instead of a retried handshake.",
+                    ["sysctl -w net.core.somaxconn=4096", "sysctl -w net.ipv4.tcp_abort_on_overflow=0"])
 
     def explain(self, ev, state):
-        if not (ev.kind == SKB_DROPPED and ev.reason == "TCP_LISTEN_OVERFLOW"):
+        if ev.kind == SKB_DROPPED and ev.reason == "TCP_LISTEN_OVERFLOW":
+            return Finding(self.cause, f"handshake {ev.flow} dropped: listen queue of {ev.flow.dst} full",
+                           "high", [segment_evidence(ev)], self.REMEDY)
+        if not (unknown_segment(ev) and ev.sk_state == "LISTEN" and ev.accept_queue_max
+                and ev.accept_queue > ev.accept_queue_max):
             return None
-        return Finding(self.cause, f"connection request {ev.flow} dropped: listen queue of {ev.flow.dst} full",
-                       "high", [segment_evidence(ev)], self.REMEDY)
+        queue = Evidence("accept_queue", f"the listener's accept queue held {ev.accept_queue} "
+                         f"connections, more than its backlog of {ev.accept_queue_max}: full",
+                         {"depth": ev.accept_queue, "backlog": ev.accept_queue_max})
+        return Finding(self.cause, f"handshake {ev.flow} reset by the listener on {ev.flow.dst}: "
+                       f"accept queue full (tcp_abort_on_overflow=1)", "high",
+                       [queue, segment_evidence(ev), reason_evidence(ev, "the listener")], self.REMEDY)
 
 
 class NoListener(Rule):

@@ -775,6 +775,73 @@ def app_abort(lab: NatLab) -> Outcome:
                                  "duration": time.monotonic() - t_start})
 
 
+KEEPALIVE_PORT, LISTEN_OVERFLOW_PORT, TIMEWAIT_PORT = 8083, 8084, 8085
+
+
+def keepalive_timeout(lab: NatLab) -> Outcome:
+    """Ordinary reset: the path breaks under an idle connection (the router drops its
+    packets); the client's keepalive probes go unanswered and its stack gives up with RST."""
+    t_start = time.monotonic()
+    with Sniffers(lab) as sn:
+        client, server, inside, outside = idle_connection(lab, KEEPALIVE_PORT)
+        for opt in ("--dport", "--sport"):   # the broken path, in the router's namespace only
+            lab.exec(lab.nat, ["iptables", "-I", "FORWARD", "-p", "tcp", opt, str(KEEPALIVE_PORT), "-j", "DROP"])
+        since = client.mark()
+        ka = client.cmd("keepalive 1 1 2", "keepalive")
+        err = client.wait("error", 10, since)
+    return Outcome("keepalive-timeout", {
+        "inside": inside, "outside": outside, "keepalive": {k: ka[k] for k in ("idle", "intvl", "cnt")},
+        "client_after": err.get("errno"), "gave_up_after": err["ts"] - ka["ts"],
+        "rsts": sn.rsts(), "netns": netns_facts(lab), "duration": time.monotonic() - t_start})
+
+
+def listen_overflow(lab: NatLab, count: int = 8, backlog: int = 1, abort: bool = True) -> Outcome:
+    """Ordinary reset: more handshakes complete at once than the listener's accept queue
+    holds (the server accepts one, then stops accepting; TCP_DEFER_ACCEPT holds every
+    handshake until the clients' first bytes, which they send together). With
+    tcp_abort_on_overflow=1 (in the server's namespace) the listener resets the overflowing
+    ones; without it, it drops their segment (the client believes it is connected)."""
+    t_start = time.monotonic()
+    lab.sysctl(lab.srv, "net.ipv4.tcp_abort_on_overflow", int(abort))
+    with Sniffers(lab) as sn:
+        server = follow(lab, lab.srv, ["peer", "--listen", "--addr", SRV_ADDR, "--port",
+                                       str(LISTEN_OVERFLOW_PORT), "--backlog", str(backlog),
+                                       "--defer-accept", "5"], "server")
+        server.wait("listening")
+        clients = follow(lab, lab.cli, ["connect-many", "--together", "--addr", SRV_ADDR, "--port",
+                                        str(LISTEN_OVERFLOW_PORT), "--count", str(count), "--send",
+                                        "--hold", "1"])
+        done = clients.wait("done", 15)
+    nstat = lab.exec(lab.srv, ["nstat", "-az", "TcpExtListenOverflows"]).stdout.split()
+    return Outcome("listen-overflow", {
+        "abort_on_overflow": abort, "backlog": backlog, "count": count, "outcomes": done["outcomes"],
+        "reset": [tup(CLI_ADDR, c["local"]["port"], SRV_ADDR, LISTEN_OVERFLOW_PORT)
+                  for c in done["connections"] if c["outcome"] == "reset"],
+        "listen_overflows": int(nstat[nstat.index("TcpExtListenOverflows") + 1]),
+        "rsts": sn.rsts(), "netns": netns_facts(lab), "duration": time.monotonic() - t_start})
+
+
+def timewait(lab: NatLab) -> Outcome:
+    """Ordinary reset: the server closes its side (FIN) and exits its socket; the client,
+    which only half-closed nothing, sends more data, which meets the server's TIME_WAIT
+    socket (FIN_WAIT2 substate) and is answered with RST."""
+    t_start = time.monotonic()
+    with Sniffers(lab) as sn:
+        client, server, inside, outside = idle_connection(lab, TIMEWAIT_PORT)
+        server.cmd("close", "closed")
+        # the FIN was acked: the closed socket lives on as a timewait socket
+        state = wait_until(lambda: lab.exec(lab.srv, ["ss", "-tanH", "state", "fin-wait-2", "sport",
+                                                       f"= :{TIMEWAIT_PORT}"]).stdout.strip(), 3.0, 0.05)
+        since = client.mark()
+        client.cmd("send 10", ("sent", "cmd-error"))
+        err = client.wait("error", 3, since)
+    return Outcome("timewait", {
+        "inside": inside, "outside": outside, "server_timewait": bool(state),
+        "client_after": err.get("errno"), "rsts": sn.rsts(), "netns": netns_facts(lab),
+        "duration": time.monotonic() - t_start})
+
+
 SCENARIOS = {"invalid-window": invalid_window, "closed-port": closed_port, "invalid-dnat": invalid_dnat,
              "snat-race": snat_race, "vip-move": vip_move, "dhcp-renew": dhcp_renew, "ct-expire": ct_expire,
-             "table-full": table_full, "app-abort": app_abort}
+             "table-full": table_full, "app-abort": app_abort, "keepalive-timeout": keepalive_timeout,
+             "listen-overflow": listen_overflow, "timewait": timewait}

@@ -96,7 +96,11 @@ def client(args) -> None:
 
 
 def connect_many(args) -> None:
-    """`--count` sequential connects (e.g. to a closed port): reports the outcome counts."""
+    """`--count` sequential connects (e.g. to a closed port): reports the outcome counts.
+    With `--together`, all SYNs leave at once (non-blocking connects); each connection is then
+    held `--hold` s and reported as connected, reset (an RST after the handshake) or failed."""
+    if args.together:
+        return _connect_together(args)
     outcomes: dict = {}
     for _ in range(args.count):
         s = socket.socket(family_of(args.addr), socket.SOCK_STREAM)
@@ -110,6 +114,47 @@ def connect_many(args) -> None:
             s.close()
         outcomes[key] = outcomes.get(key, 0) + 1
     say(event="done", outcomes=outcomes)
+
+
+def _connect_together(args) -> None:
+    socks = []
+    for _ in range(args.count):
+        s = socket.socket(family_of(args.addr), socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.connect_ex((args.addr, args.port))
+        socks.append(s)
+    deadline = time.monotonic() + 3
+    pending = set(socks)
+    while pending and time.monotonic() < deadline:
+        _, w, _ = select.select([], list(pending), [], 0.1)
+        pending -= set(w)
+    if args.send:   # one byte on each, back to back (a TCP_DEFER_ACCEPT listener waits for it)
+        for s in socks:
+            if s not in pending:
+                try:
+                    s.send(b"x")
+                except OSError:
+                    pass
+    time.sleep(args.hold)
+    conns, outcomes = [], {}
+    for s in socks:
+        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if s in pending:
+            key = "timeout"
+        elif err:
+            key = "reset" if err == errno.ECONNRESET else errno.errorcode.get(err, str(err))
+        else:
+            try:   # an RST after the handshake shows on the next read
+                key = "closed" if s.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"" else "connected"
+            except BlockingIOError:
+                key = "connected"
+            except ConnectionResetError:
+                key = "reset"
+        outcomes[key] = outcomes.get(key, 0) + 1
+        conns.append({"local": _endpoint(s.getsockname()), "outcome": key})
+    say(event="done", outcomes=outcomes, connections=conns)
+    for s in socks:
+        s.close()
 
 
 # -- segment injection ----------------------------------------------------------------
@@ -224,6 +269,8 @@ def peer(args) -> None:
         ls = socket.socket(fam, socket.SOCK_STREAM)
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         ls.bind((args.addr, args.port))
+        if args.defer_accept:   # handshakes complete only when data arrives
+            ls.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, args.defer_accept)
         ls.listen(args.backlog)
         say(event="listening", addr=args.addr, port=args.port)
         s, _ = ls.accept()  # the listener stays open: later strays meet a listener
@@ -522,6 +569,9 @@ def main(argv=None) -> None:
     m.add_argument("--addr", required=True)
     m.add_argument("--port", type=int, required=True)
     m.add_argument("--count", type=int, default=1)
+    m.add_argument("--together", action="store_true")
+    m.add_argument("--hold", type=float, default=0.5)
+    m.add_argument("--send", action="store_true")
     i = sub.add_parser("inject")
     i.add_argument("--iface", required=True)
     i.add_argument("--sport", type=int, required=True)
@@ -536,6 +586,7 @@ def main(argv=None) -> None:
     e.add_argument("--bind-port", type=int, default=0)
     e.add_argument("--timeout", type=float, default=5)
     e.add_argument("--backlog", type=int, default=16)
+    e.add_argument("--defer-accept", type=int, default=0)
     w = sub.add_parser("sniff")
     w.add_argument("--iface", default="any")
     w.add_argument("--port", type=int, default=0)

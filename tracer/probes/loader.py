@@ -37,6 +37,8 @@ OFFSETS = {
     "OFF_SOCK_SKC_RCV_SADDR": ("sock", "__sk_common.skc_rcv_saddr"),
     "OFF_SOCK_SKC_DPORT": ("sock", "__sk_common.skc_dport"),
     "OFF_SOCK_SKC_NUM": ("sock", "__sk_common.skc_num"),
+    "OFF_SOCK_SK_ACK_BACKLOG": ("sock", "sk_ack_backlog"),
+    "OFF_SOCK_SK_MAX_ACK_BACKLOG": ("sock", "sk_max_ack_backlog"),
     "OFF_SOCK_SKC_V6_DADDR": ("sock", "__sk_common.skc_v6_daddr"),
     "OFF_SOCK_SKC_V6_RCV_SADDR": ("sock", "__sk_common.skc_v6_rcv_saddr"),
     "OFF_INET_SOCK_INET_SPORT": ("inet_sock", "inet_sport"),
