@@ -11,7 +11,7 @@ import pytest
 
 from tracer.lab import scenarios
 from tracer.lab.harness import TracerProcess
-from tracer.lab.topology import NatLab
+from tracer.lab.topology import NAT_OUT_ADDR, NatLab
 from tracer.lab.wire import Capture, retransmitted_syns, rst_coverage
 
 pytestmark = pytest.mark.root
@@ -20,8 +20,10 @@ CONNTRACK_CAUSES = {"conntrack_invalid_unnat", "snat_port_clash", "conntrack_flu
 
 
 class Run:
-    def __init__(self, outcome, records, packets, lab_inodes):
+    def __init__(self, outcome, records, packets, lab_inodes, names):
         self.outcome = outcome
+        self.facts = outcome.facts
+        self.names = names                  # {"cli": netns name, "nat": ..., "srv": ...}
         self.records = records
         self.verdicts = [r for r in records if r.get("type") == "verdict" and r["netns"] in lab_inodes]
         self.packets = packets
@@ -29,7 +31,13 @@ class Run:
     def causes(self, cause):
         return [v for v in self.verdicts if v["cause"] == cause]
 
-    def evidence(self, v):
+    def only(self, cause):
+        hits = self.causes(cause)
+        assert len(hits) == 1, [(v["cause"], v["direction"]) for v in self.verdicts]
+        return hits[0]
+
+    @staticmethod
+    def evidence(v):
         return {e["key"]: e["value"] for e in v["evidence"]}
 
     def assert_wire_covered(self):
@@ -51,10 +59,11 @@ def traced(scenario, wire=True, lab_opts=None, **opts):
                 packets = cap.packets()
             else:
                 outcome, packets = scenarios.SCENARIOS[scenario](lab, **opts), []
+            names = {"cli": lab.cli, "nat": lab.nat, "srv": lab.srv}
             records = tracer.stop()
     finally:
         tracer.stop()
-    yield Run(outcome, records, packets, inodes)
+    yield Run(outcome, records, packets, inodes, names)
 
 
 def needs(name):
@@ -107,3 +116,134 @@ def test_ipv6_resets_are_named_too():
     assert len(verdicts) == 5
     assert all(v["cause"] == "no_listener" and v["flow"]["family"] == 6 and v["flow"]["dst"] == SRV6_ADDR
                for v in verdicts)
+
+
+# -- one test per scenario: the cause, on the flow, with its evidence; the wire covered ----
+def test_invalid_dnat_is_named_on_the_client_with_the_service_tuple():
+    with traced("invalid-dnat") as run:
+        run.assert_wire_covered()
+        v = run.only("conntrack_invalid_unnat")
+        assert v["direction"] == "sent" and v["netns"] == run.facts["netns"]["cli"]
+        assert v["nat"]["inside"] == run.facts["inside"] and v["nat"]["outside"] == run.facts["outside"]
+        assert {"unnated_reply", "segment", "ct_invalid_delta"} <= run.evidence(v).keys()
+        assert run.evidence(v)["ct_invalid_delta"] >= 1
+
+
+def test_snat_race_every_retransmitted_syn_is_a_port_clash():
+    with traced("snat-race", random_fully=False) as run:
+        clashes = run.causes("snat_port_clash")
+        wire = retransmitted_syns(run.packets, run.names["cli"])
+        assert wire and clashes
+        inside = {(v["nat"]["inside"]["src"], v["nat"]["inside"]["sport"], v["nat"]["inside"]["dst"],
+                   v["nat"]["inside"]["dport"]) for v in clashes}
+        assert [syn for syn in wire if syn[:4] not in inside] == []     # every retransmitted SYN
+        assert len(clashes) == run.facts["insert_failed"]                # and nothing more
+        v = clashes[0]
+        ev = run.evidence(v)
+        assert v["direction"] == "dropped" and v["netns"] == run.facts["netns"]["nat"]
+        assert v["nat"]["outside"]["src"] == NAT_OUT_ADDR
+        assert ev["insert_failed_delta"] >= 1 and ev["masquerade_rules"]["random_fully"] is False
+        assert any("--random-fully" in c for c in v["remedy"]["commands"])
+        run.assert_wire_covered()
+
+
+def test_snat_race_with_random_fully_says_so():
+    with traced("snat-race", wire=False, random_fully=True) as run:
+        clashes = run.causes("snat_port_clash")
+        assert len(clashes) == run.facts["insert_failed"] <= 2
+        for v in clashes:
+            assert run.evidence(v)["masquerade_rules"]["random_fully"] is True
+
+
+def test_vip_move_blames_the_address_removal_and_shows_the_new_port():
+    with traced("vip-move") as run:
+        run.assert_wire_covered()
+        v = next(v for v in run.causes("conntrack_flushed") if v["netns"] == run.facts["netns"]["srv"])
+        ev = run.evidence(v)
+        assert v["nat"]["inside"] == run.facts["inside"] and v["nat"]["outside"] == run.facts["outside"]
+        assert v["nat"]["outside_after"] == run.facts["new_outside"]
+        assert ev["flush_trigger"]["kind"] == "addr_removed"
+        assert ev["flush_trigger"]["address"] == run.facts["address_removed"]
+        assert ev["masquerade_notifier"]["notifier"] == "masq_inet_event"
+        assert ev["new_nat_port"]["new"]["sport"] == run.facts["new_port"]
+        assert abs(ev["deleted_entry"]["deleted_ts"] - run.facts["timestamps"]["removed"]) < 1.0
+        assert not run.causes("unexplained")
+
+
+@pytest.mark.parametrize("probe", ["keepalive", "data"])
+def test_dhcp_renew_blames_the_renewal_on_the_routers_reset(probe):
+    with traced("dhcp-renew", probe=probe) as run:
+        run.assert_wire_covered()
+        v = run.only("conntrack_flushed")
+        ev = run.evidence(v)
+        assert v["direction"] == "sent" and v["netns"] == run.facts["netns"]["nat"]
+        assert v["nat"]["inside"] == run.facts["inside"]
+        assert ev["flush_trigger"]["address"] == run.facts["address_removed"]
+        assert "unnated_segment" in ev
+        later = [x for x in run.verdicts if x is not v]
+        assert later and all(x["related"]["id"] == v["id"] for x in later)
+
+
+@pytest.mark.parametrize("evict", ["listing", "lookup"])
+def test_ct_expire_is_expired_with_the_timeout(evict):
+    with traced("ct-expire", evict=evict) as run:
+        run.assert_wire_covered()
+        v = run.only("conntrack_expired")
+        ev = run.evidence(v)
+        assert v["netns"] == run.facts["netns"]["nat"] and v["nat"]["inside"] == run.facts["inside"]
+        assert ev["expired"]["tcp_timeout_established_s"] == run.facts["timeout"]
+        assert ev["expired"]["timeout_left_s"] <= 1
+        assert not run.causes("conntrack_flushed")
+
+
+def test_table_full_names_each_dropped_syn():
+    if os.environ.get(scenarios.ALLOW_GLOBAL_SYSCTL) != "1":
+        pytest.skip(f"lowers the host-wide nf_conntrack_max: set {scenarios.ALLOW_GLOBAL_SYSCTL}=1")
+    with traced("table-full") as run:
+        full = run.causes("conntrack_table_full")
+        assert len(full) >= run.facts["dropped_syns"] >= 1
+        failed = {(c["inside"]["src"], c["inside"]["sport"]) for c in run.facts["failed"]}
+        assert failed <= {(v["flow"]["src"], v["flow"]["sport"]) for v in full}
+        assert {"no_conntrack", "table"} <= run.evidence(full[0]).keys()
+
+
+def test_app_abort_each_side_named_with_its_reason():
+    with traced("app-abort") as run:
+        run.assert_wire_covered()
+        aborts = run.causes("app_abort")
+        assert {v["netns"] for v in aborts} == {run.facts["netns"]["cli"], run.facts["netns"]["srv"]}
+        assert {v["kernel"]["reason"] for v in aborts} <= {"TCP_ABORT_ON_CLOSE", "TCP_STATE",
+                                                            "TCP_ABORT_ON_LINGER", ""}
+        assert len(run.causes("peer_reset")) == 2
+
+
+def test_keepalive_timeout_is_named_on_the_client():
+    with traced("keepalive-timeout") as run:
+        run.assert_wire_covered()
+        v = run.only("keepalive_timeout")
+        assert v["netns"] == run.facts["netns"]["cli"] and v["direction"] == "sent"
+        assert {v["flow"]["dst"], v["flow"]["dport"]} == {run.facts["inside"]["src"], run.facts["inside"]["sport"]}
+        assert run.facts["client_after"] == "ETIMEDOUT"
+
+
+@pytest.mark.parametrize("abort", [True, False])
+def test_listen_overflow_is_named_reset_or_dropped(abort):
+    with traced("listen-overflow", abort=abort) as run:
+        cov = run.assert_wire_covered()
+        hits = run.causes("listen_overflow")
+        assert hits and not run.causes("no_connection") and not run.causes("unexplained")
+        if abort:
+            sent = [v for v in hits if v["direction"] == "sent"]
+            assert cov["rsts"] == len(sent) == len(run.facts["reset"]) >= 1
+            q = run.evidence(sent[0])["accept_queue"]
+            assert q["depth"] > q["backlog"] == run.facts["backlog"]
+        else:
+            assert cov["rsts"] == 0 and all(v["direction"] == "dropped" for v in hits)
+
+
+def test_timewait_is_named_on_the_server():
+    with traced("timewait") as run:
+        run.assert_wire_covered()
+        v = run.only("timewait")
+        assert v["netns"] == run.facts["netns"]["srv"] and run.facts["server_timewait"]
+        assert run.facts["client_after"] in ("ECONNRESET", "EPIPE")

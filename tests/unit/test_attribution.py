@@ -71,3 +71,91 @@ def test_flow_memory_is_bounded():
     assert len(m) == 3
     assert m.get(frozenset({9}), now=5)[1]["id"] == "9"
     assert m.get(frozenset({9}), now=11) is None
+
+
+# -- every other scenario, recorded with its ground truth (tests/fixtures/NAME.facts.json) --
+import json  # noqa: E402
+
+
+def scenario(fixtures, name):
+    return replay(fixtures / f"{name}.rec"), json.loads((fixtures / f"{name}.facts.json").read_text())
+
+
+def only(verdicts, cause):
+    hits = [v for v in verdicts if v["cause"] == cause]
+    assert len(hits) == 1, [v["cause"] for v in verdicts]
+    return hits[0]
+
+
+def keys(v):
+    return {e["key"] for e in v["evidence"]}
+
+
+def test_invalid_dnat_names_the_service_flow(fixtures):
+    verdicts, facts = scenario(fixtures, "invalid-dnat")
+    v = only(verdicts, "conntrack_invalid_unnat")
+    assert v["direction"] == "sent" and v["netns"] == facts["netns"]["cli"]   # the client reset it
+    assert v["nat"]["inside"] == facts["inside"] and v["nat"]["outside"] == facts["outside"]
+    assert {"unnated_reply", "ct_invalid_delta"} <= keys(v)
+    others = [x for x in verdicts if x is not v]
+    assert others and all(x["related"]["id"] == v["id"] for x in others)
+
+
+def test_every_clashed_syn_is_a_snat_port_clash(fixtures):
+    verdicts, facts = scenario(fixtures, "snat-race")
+    clashes = [v for v in verdicts if v["cause"] == "snat_port_clash"]
+    assert len(clashes) == len(verdicts) == facts["insert_failed"]
+    assert {tuple(sorted(c["inside"].items())) for c in facts["retransmitted"]} == \
+        {tuple(sorted(v["nat"]["inside"].items())) for v in clashes}
+    v = clashes[0]
+    assert v["direction"] == "dropped" and v["kernel"]["reason"] == "NETFILTER_DROP"
+    assert {"unconfirmed_nat_drop", "nated_source", "insert_failed_delta", "masquerade_rules"} <= keys(v)
+    assert any("--random-fully" in c for c in v["remedy"]["commands"])
+
+
+def test_vip_move_names_the_address_removal_and_the_new_port(fixtures):
+    verdicts, facts = scenario(fixtures, "vip-move")
+    first = next(v for v in verdicts if v["cause"] == "conntrack_flushed")
+    assert first["netns"] == facts["netns"]["srv"]            # the server's listener reset it
+    assert first["nat"]["inside"] == facts["inside"] and first["nat"]["outside"] == facts["outside"]
+    assert first["nat"]["outside_after"] == facts["new_outside"]
+    ev = {e["key"]: e["value"] for e in first["evidence"]}
+    assert ev["flush_trigger"]["address"] == facts["address_removed"] and ev["flush_trigger"]["ifname"] == "n2"
+    assert ev["new_nat_port"]["new"]["sport"] == facts["new_port"]
+
+
+def test_dhcp_renew_is_a_flush_seen_from_the_server_side(fixtures):
+    verdicts, facts = scenario(fixtures, "dhcp-renew")
+    v = only(verdicts, "conntrack_flushed")
+    assert v["netns"] == facts["netns"]["nat"] and v["direction"] == "sent"   # the router's stack
+    assert v["nat"]["inside"] == facts["inside"]
+    assert {"flush_trigger", "deleted_entry", "unnated_segment"} <= keys(v)
+    assert {x["cause"] for x in verdicts if x is not v} == {"peer_reset", "no_connection"}
+
+
+def test_idle_past_the_timeout_is_expired_not_flushed(fixtures):
+    verdicts, facts = scenario(fixtures, "ct-expire")
+    v = only(verdicts, "conntrack_expired")
+    ev = {e["key"]: e["value"] for e in v["evidence"]}
+    assert ev["expired"]["tcp_timeout_established_s"] == facts["timeout"]
+    assert v["nat"]["inside"] == facts["inside"]
+    assert not [x for x in verdicts if x["cause"] == "conntrack_flushed"]
+
+
+def test_ordinary_resets_are_named_and_never_conntrack(fixtures):
+    expected = {"app-abort": {"app_abort", "peer_reset"},
+                "keepalive-timeout": {"keepalive_timeout", "firewall_drop"},
+                "listen-overflow": {"listen_overflow", "peer_reset", "app_abort"},
+                "timewait": {"timewait", "peer_reset"}}
+    for name, causes in expected.items():
+        verdicts, facts = scenario(fixtures, name)
+        assert {v["cause"] for v in verdicts} == causes, name
+        assert not [v for v in verdicts if v["cause"] in CONNTRACK_CAUSES]
+
+
+def test_listen_overflow_reset_shows_the_full_accept_queue(fixtures):
+    verdicts, facts = scenario(fixtures, "listen-overflow")
+    sent = [v for v in verdicts if v["cause"] == "listen_overflow" and v["direction"] == "sent"]
+    assert {v["flow"]["sport"] for v in sent} == {t["sport"] for t in facts["reset"]} != set()
+    q = next(e["value"] for e in sent[0]["evidence"] if e["key"] == "accept_queue")
+    assert q["depth"] > q["backlog"] == facts["backlog"]
