@@ -62,8 +62,10 @@ def cli():
     \b
     rst-tracer watch              live verdicts, one line each on a terminal
     rst-tracer watch --json       JSON lines (schema v1, see README) for log shippers
-    rst-tracer doctor --json      what this kernel allows and which backend will run
+    rst-tracer doctor             this host's exposure to each incident, and the fixes
+    rst-tracer doctor --json      the same, with what this kernel allows and which backend runs
     rst-tracer replay FILE        re-run attribution on a recording, offline
+    rst-tracer summary FILE       counts by cause and namespace over a run
     """
 
 
@@ -222,6 +224,12 @@ def replay(path, as_json, verbose):
 
     A damaged file yields the verdicts of its good part, then a one-line error naming the
     byte offset, and exit status 1.
+
+    \b
+    Examples:
+      sudo rst-tracer watch --record incident.rec --duration 300   # on the affected host
+      rst-tracer replay -v incident.rec                            # anywhere, no root
+      rst-tracer replay --json incident.rec | jq 'select(.cause != "no_listener")'
     """
     from .recording import RecordingError
     from .replay import replay_verdicts
