@@ -159,3 +159,10 @@ def test_listen_overflow_reset_shows_the_full_accept_queue(fixtures):
     assert {v["flow"]["sport"] for v in sent} == {t["sport"] for t in facts["reset"]} != set()
     q = next(e["value"] for e in sent[0]["evidence"] if e["key"] == "accept_queue")
     assert q["depth"] > q["backlog"] == facts["backlog"]
+
+
+def test_the_drop_after_a_listener_reset_points_at_it(fixtures):
+    verdicts, _ = scenario(fixtures, "listen-overflow")
+    sent = {v["flow"]["sport"]: v for v in verdicts if v["cause"] == "listen_overflow" and v["direction"] == "sent"}
+    dropped = [v for v in verdicts if v["cause"] == "listen_overflow" and v["direction"] == "dropped"]
+    assert dropped and all(v["related"]["id"] == sent[v["flow"]["sport"]]["id"] for v in dropped)

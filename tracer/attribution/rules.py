@@ -395,6 +395,7 @@ class ListenOverflow(Rule):
     is dropped (kernel >= 6.15 says TCP_LISTEN_OVERFLOW), or, with tcp_abort_on_overflow=1,
     answered with RST (the kernel then gives a generic reason: the queue depth tells)."""
     cause = "listen_overflow"
+    root_cause = True   # the listener's RST and the drop of that same segment: one story
     REMEDY = Remedy("The application does not accept() fast enough: raise its listen backlog "
                     "and net.core.somaxconn, or accept faster. With tcp_abort_on_overflow=1 "
                     "clients see resets instead of a retried handshake.",
@@ -402,8 +403,10 @@ class ListenOverflow(Rule):
 
     def explain(self, ev, state):
         if ev.kind == SKB_DROPPED and ev.reason == "TCP_LISTEN_OVERFLOW":
+            related = state.related(ev)
             return Finding(self.cause, f"handshake {ev.flow} dropped: listen queue of {ev.flow.dst} full",
-                           "high", [segment_evidence(ev)], self.REMEDY)
+                           "high", [segment_evidence(ev)] + related_evidence(related), self.REMEDY,
+                           related=related, keys=[ev.flow.endpoints()])
         if not (unknown_segment(ev) and ev.sk_state == "LISTEN" and ev.accept_queue_max
                 and ev.accept_queue > ev.accept_queue_max):
             return None
@@ -412,7 +415,8 @@ class ListenOverflow(Rule):
                          {"depth": ev.accept_queue, "backlog": ev.accept_queue_max})
         return Finding(self.cause, f"handshake {ev.flow} reset by the listener on {ev.flow.dst}: "
                        f"accept queue full (tcp_abort_on_overflow=1)", "high",
-                       [queue, segment_evidence(ev), reason_evidence(ev, "the listener")], self.REMEDY)
+                       [queue, segment_evidence(ev), reason_evidence(ev, "the listener")], self.REMEDY,
+                       keys=[ev.flow.endpoints()])
 
 
 class NoListener(Rule):
