@@ -66,7 +66,7 @@ struct rst_event {
     u8 detail_family;      // 4 or 6 when detail_addr holds the removed address
     u8 ct_family;          // 4 or 6: family of the ct_* tuples
     u8 inv_flags;          // ct_invalid: bit 0 = inv_str holds the first argument as a string
-    u8 pad2;
+    u8 probes_out;         // socket-only resets: icsk_probes_out (unanswered keepalive probes)
     u16 accept_queue;      // listener: sk_ack_backlog (capped at 65535)
     u16 accept_queue_max;  // listener: sk_max_ack_backlog
     u64 inv_value[2];      // ct_invalid: the message's first two arguments (%u values)
@@ -206,6 +206,10 @@ static __always_inline void fill_from_sock(struct rst_event *e, u64 sk, int tupl
         e->netns = netns_of_net(rd64(sk + OFF_SOCK_SKC_NET));
     if (!tuple_from_sock)
         return;
+    // a reset with no segment: from the keepalive timer, probes went unanswered (the only
+    // way to tell it from an application's abort before sk_rst_reason, 6.10)
+    if (e->sk_state != TCP_STATE_LISTEN)
+        e->probes_out = rd8(sk + OFF_ICSK_PROBES_OUT);
     u16 family = rd16(sk + OFF_SOCK_SKC_FAMILY);
     // oriented as the RST travels for received resets: from the peer to us
     if (family == FAMILY_INET) {

@@ -18,7 +18,7 @@ from .events import (CT_DESTROY, CT_INVALID, MASQ_NOTIFIER, NAT_BINDING, RST_REC
 # mirrors struct rst_event; keep in step with bpf/common.h
 RAW_EVENT = struct.Struct("<QQQQIIIIIIIIHHHHBBBBBB2x16s16s16sQ16s16s16s16sHHHH"
                           # appended for the kprobe backend (zero from the tracepoint one)
-                          "HBBIIIBBB1xHH2Q8I16s16s16s80s")
+                          "HBBIIIBBBBHH2Q8I16s16s16s80s")
 KINDS = {1: RST_SENT, 2: RST_RECEIVED, 3: SKB_DROPPED, 4: MASQ_NOTIFIER,
          5: CT_INVALID, 6: NAT_BINDING, 7: CT_DESTROY}
 PROBES = {RST_SENT: "tcp:tcp_send_reset", RST_RECEIVED: "tcp:tcp_receive_reset",
@@ -113,7 +113,7 @@ def decode(raw: bytes, names: KernelNames) -> KernelEvent:
      saddr, daddr, comm, notifier_cb, o_saddr, o_daddr, r_saddr, r_daddr, o_sport, o_dport,
      r_sport, r_dport,
      probe_id, ct_tcp_state, delete_reason, nat_range_flags, ct_timeout_left, detail_ifindex,
-     detail_family, ct_family, inv_flags, accept_queue, accept_queue_max, inv_v0, inv_v1,
+     detail_family, ct_family, inv_flags, probes_out, accept_queue, accept_queue_max, inv_v0, inv_v1,
      *rest) = RAW_EVENT.unpack_from(raw)
     ct_window, (detail_addr, detail_ifname, inv_str, inv_msg) = rest[:8], rest[8:]
     kind_name = KINDS.get(kind)
@@ -183,6 +183,7 @@ def decode(raw: bytes, names: KernelNames) -> KernelEvent:
         ctinfo=ctinfo,
         ct_status=ct_status,
         has_sock=bool(sk),
+        probes_out=probes_out,
         accept_queue=accept_queue,
         accept_queue_max=accept_queue_max,
         sk_state=TCP_STATES[sk_state] if sk_state < len(TCP_STATES) else "",

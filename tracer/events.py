@@ -158,6 +158,7 @@ class KernelEvent:
     ct_status: int = 0
     has_sock: bool = False
     sk_state: str = ""
+    probes_out: int = 0          # socket-only resets: keepalive probes unanswered
     accept_queue: int = 0        # a listener's sk_ack_backlog / sk_max_ack_backlog
     accept_queue_max: int = 0
     reason: str = ""             # kernel reason name without prefix, e.g. NO_SOCKET

@@ -166,3 +166,14 @@ def test_the_drop_after_a_listener_reset_points_at_it(fixtures):
     sent = {v["flow"]["sport"]: v for v in verdicts if v["cause"] == "listen_overflow" and v["direction"] == "sent"}
     dropped = [v for v in verdicts if v["cause"] == "listen_overflow" and v["direction"] == "dropped"]
     assert dropped and all(v["related"]["id"] == sent[v["flow"]["sport"]]["id"] for v in dropped)
+
+
+def test_keepalive_timeout_without_the_kernels_reason():
+    # before 6.10 a keepalive reset has no reason: outstanding probes tell it from an abort
+    flow = Tuple(Endpoint("192.0.2.2", 80), Endpoint("192.0.2.1", 40000))
+    common = dict(kind=RST_SENT, ts=1.0, ts_ns=1, netns=1, ifindex=0, flow=flow, has_sock=True,
+                  sk_state="ESTABLISHED")
+    keepalive = Attributor("kprobe", "h").feed(KernelEvent(probes_out=2, **common)).to_dict()
+    abort = Attributor("kprobe", "h").feed(KernelEvent(**common)).to_dict()
+    assert keepalive["cause"] == "keepalive_timeout" and keepalive["confidence"] == "medium"
+    assert abort["cause"] == "app_abort"

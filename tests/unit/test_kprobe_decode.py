@@ -16,7 +16,7 @@ COMMON_H = Path(__file__).resolve().parents[2] / "bpf" / "common.h"
 FIELDS = ("ts_ns skb sk location kind reason netns ifindex ct_status pid seq ack sport dport payload_len "
           "window family tcp_flags has_ct ctinfo sk_state has_skb saddr daddr comm notifier_cb o_saddr "
           "o_daddr r_saddr r_daddr o_sport o_dport r_sport r_dport probe_id ct_tcp_state delete_reason "
-          "nat_range_flags ct_timeout_left detail_ifindex detail_family ct_family inv_flags accept_queue "
+          "nat_range_flags ct_timeout_left detail_ifindex detail_family ct_family inv_flags probes_out accept_queue "
           "accept_queue_max inv_v0 inv_v1 "
           "w0 w1 w2 w3 w4 w5 w6 w7 detail_addr detail_ifname inv_str inv_msg").split()
 V4 = lambda a: socket.inet_aton(a) + b"\0" * 12  # noqa: E731

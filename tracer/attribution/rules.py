@@ -470,16 +470,28 @@ class TimeWait(Rule):
 
 
 class KeepaliveTimeout(Rule):
-    """The local stack gave up on a connection whose keepalive probes went unanswered."""
+    """The local stack gave up on a connection whose keepalive probes went unanswered. The
+    kernel says so (>= 6.10); before, a reset with no segment while keepalive probes were
+    outstanding can only come from the keepalive timer."""
     cause = "keepalive_timeout"
     REMEDY = Remedy("The peer stopped answering keepalive probes (peer gone, path broken, or a "
                     "middlebox dropped the flow). Check the path and the peer.")
 
     def explain(self, ev, state):
-        if not (ev.kind == RST_SENT and ev.reason == "TCP_KEEPALIVE_TIMEOUT"):
+        if ev.kind != RST_SENT:
             return None
+        if ev.reason == "TCP_KEEPALIVE_TIMEOUT":
+            confidence = "high"
+        elif not ev.reason and ev.has_sock and not ev.has_skb and ev.probes_out:
+            confidence = "medium"
+        else:
+            return None
+        evidence = [reason_evidence(ev, "the keepalive timer")]
+        if ev.probes_out:
+            evidence.append(Evidence("probes_out", f"{ev.probes_out} keepalive probes unanswered",
+                                     ev.probes_out))
         return Finding(self.cause, f"keepalive timeout on {ev.flow}: connection reset by this host",
-                       "high", [reason_evidence(ev, "the keepalive timer")], self.REMEDY)
+                       confidence, evidence, self.REMEDY)
 
 
 class AppAbort(Rule):

@@ -39,6 +39,7 @@ OFFSETS = {
     "OFF_SOCK_SKC_NUM": ("sock", "__sk_common.skc_num"),
     "OFF_SOCK_SK_ACK_BACKLOG": ("sock", "sk_ack_backlog"),
     "OFF_SOCK_SK_MAX_ACK_BACKLOG": ("sock", "sk_max_ack_backlog"),
+    "OFF_ICSK_PROBES_OUT": ("inet_connection_sock", "icsk_probes_out"),
     "OFF_SOCK_SKC_V6_DADDR": ("sock", "__sk_common.skc_v6_daddr"),
     "OFF_SOCK_SKC_V6_RCV_SADDR": ("sock", "__sk_common.skc_v6_rcv_saddr"),
     "OFF_INET_SOCK_INET_SPORT": ("inet_sock", "inet_sport"),
