@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # The README's test command: installs what it needs (idempotent), then runs the unit tests
-# (no root needed) and the integration tests (root: real BPF, real namespaces).
-#   scripts/test.sh            all tests
-#   scripts/test.sh -k invalid extra pytest arguments are passed through
+# (no root needed) and the integration tests (root: real BPF, real namespaces) on this
+# kernel, then the kprobe backend's tests in the bookworm VM (Debian's stock 6.1 kernel;
+# the image is built once and cached under /var/cache/rst-tracer/vm).
+#   scripts/test.sh              everything (CI runs this)
+#   scripts/test.sh -k invalid   extra pytest arguments: host tests only
+#   RST_TRACER_VM=0 scripts/test.sh   skip the VM
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=$(scripts/setup.sh)
 # never leave lab namespaces behind, whatever happens to pytest
 cleanup() { for ns in $(ip netns list 2>/dev/null | awk '/^rstlab-/{print $1}'); do ip netns del "$ns" 2>/dev/null || true; done; }
 trap cleanup EXIT
-exec_pytest() { "$VENV/bin/python" -m pytest -p no:cacheprovider "$@"; }
-exec_pytest -ra tests "$@"
+status=0
+"$VENV/bin/python" -m pytest -p no:cacheprovider -ra tests "$@" || status=$?
+if [ $# -eq 0 ] && [ "${RST_TRACER_VM:-1}" != 0 ]; then
+  scripts/test-vm.sh bookworm || status=$?
+fi
+exit "$status"
