@@ -56,6 +56,8 @@ def main() -> int:
                 t.stop()
                 mine = {lab.netns_inode(ns) for ns in lab.namespaces}
                 rsts = len([v for v in t.verdicts() if v["netns"] in mine])
+    print("  runs without: " + " ".join(f"{x / 1e9:.3f}" for x in base) +
+          " | with: " + " ".join(f"{x / 1e9:.3f}" for x in traced) + " Gbit/s")
     b, w = statistics.mean(base), statistics.mean(traced)
     print(f"throughput: without tracer {b / 1e9:.3f} Gbit/s, with tracer {w / 1e9:.3f} Gbit/s, "
           f"ratio {w / b:.4f} (loss {max(0.0, 1 - w / b) * 100:.2f} %, budget 2 %); "

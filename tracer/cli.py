@@ -142,7 +142,7 @@ def watch(as_json, verbose, outputs, metrics, netns, ports, hosts, backend, reco
     from .watch import Watch
 
     try:
-        btf = BTF()
+        btf = BTF.vmlinux()
     except BTFError as e:
         raise Failure(str(e)) from None
     from .probes.kprobe import KprobeBackend

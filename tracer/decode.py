@@ -55,7 +55,21 @@ def _names(enum: dict, prefix: str) -> dict:
 
 
 class Kallsyms:
-    """Address -> symbol for kfree_skb call sites."""
+    """Address -> symbol (kfree_skb call sites) and symbol -> address (notifiers)."""
+
+    _current = None   # (the /proc/modules it was read with, the instance)
+
+    @classmethod
+    def current(cls) -> "Kallsyms":
+        """Read again only when the set of loaded modules changed (~0.25 s a read)."""
+        try:
+            with open("/proc/modules") as f:
+                modules = f.read()
+        except OSError:
+            modules = None
+        if cls._current is None or cls._current[0] != modules:
+            cls._current = (modules, cls())
+        return cls._current[1]
 
     def __init__(self, path: str = "/proc/kallsyms"):
         pairs = []
@@ -95,7 +109,7 @@ class KernelNames:
     def from_kernel(cls, btf) -> "KernelNames":
         rst = _names(btf.enum("sk_rst_reason"), "SK_RST_REASON_") if btf.has_enum("sk_rst_reason") else {}
         drop = _names(btf.enum("skb_drop_reason"), "SKB_DROP_REASON_") if btf.has_enum("skb_drop_reason") else {}
-        ksyms = Kallsyms()
+        ksyms = Kallsyms.current()
         return cls(rst, drop, ksyms.resolve, time.time() - time.monotonic())
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
 
@@ -19,18 +18,33 @@ _MODIFIERS = (TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG)
 # bytes that follow the 12-byte common header, per kind (fixed part, per-vlen part)
 _EXTRA = {INT: (4, 0), ARRAY: (12, 0), STRUCT: (0, 12), UNION: (0, 12), ENUM: (0, 8),
           FUNC_PROTO: (0, 8), VAR: (4, 0), DATASEC: (0, 12), DECL_TAG: (4, 0), ENUM64: (0, 12)}
+# kinds whose per-vlen records are members we decode (on demand), and their record size
+_MEMBER_SIZE = {k: _EXTRA[k][1] for k in (STRUCT, UNION, ENUM, ENUM64, FUNC_PROTO)}
+
+
+_VMLINUX = None
 
 
 class BTFError(Exception):
     """The BTF blob is missing, malformed, or lacks a type we need."""
 
 
-@dataclass
 class _Type:
-    name: str
-    kind: int
-    size_or_type: int
-    members: list  # struct/union: (name, type_id, bit_offset); enum: (name, value); proto: (name, type_id)
+    """One BTF type. Its members are decoded on first use: a kernel has ~100k types and a
+    tracer needs a few dozen (parsing them all up front cost ~0.5 s of start-up)."""
+    __slots__ = ("name", "kind", "size_or_type", "_raw", "_members")
+
+    def __init__(self, name: str, kind: int, size_or_type: int, raw=None):
+        self.name, self.kind, self.size_or_type = name, kind, size_or_type
+        self._raw = raw            # (btf, data, offset, vlen, kflag) of the member records
+        self._members = None
+
+    @property
+    def members(self) -> list:
+        """struct/union: (name, type_id, bit_offset); enum: (name, value); proto: (name, type_id)."""
+        if self._members is None:
+            self._members = self._raw[0]._decode_members(self.kind, *self._raw[1:]) if self._raw else []
+        return self._members
 
 
 class BTF:
@@ -43,6 +57,14 @@ class BTF:
         except OSError as e:
             raise BTFError(f"cannot read BTF at {path}: {e.strerror}") from e
         self._parse(data, path, base)
+
+    @classmethod
+    def vmlinux(cls) -> "BTF":
+        """The running kernel's BTF, parsed once per process (~0.5 s): it cannot change."""
+        global _VMLINUX
+        if _VMLINUX is None:
+            _VMLINUX = cls()
+        return _VMLINUX
 
     @classmethod
     def of_module(cls, module: str, base: "BTF") -> "BTF":
@@ -65,44 +87,47 @@ class BTF:
             self._by_name = dict(base._by_name)
             self._funcs = dict(base._funcs)
         p, end = hlen + toff, hlen + toff + tlen
+        names = {STRUCT: "struct ", UNION: "union ", ENUM: "enum ", ENUM64: "enum ", TYPEDEF: "typedef "}
         while p < end:
             name_off, info, size = struct.unpack_from("<III", d, p)
             p += 12
             kind, vlen, kflag = (info >> 24) & 0x1F, info & 0xFFFF, info >> 31
-            members: list = []
-            if kind in (STRUCT, UNION):
-                for _ in range(vlen):
-                    mn, mt, mo = struct.unpack_from("<III", d, p)
-                    p += 12
-                    members.append((self._str(mn), mt, (mo & 0xFFFFFF) if kflag else mo))
-            elif kind == ENUM:
-                signed = kflag
-                for _ in range(vlen):
-                    en, ev = struct.unpack_from("<Ii" if signed else "<II", d, p)
-                    p += 8
-                    members.append((self._str(en), ev))
-            elif kind == ENUM64:
-                for _ in range(vlen):
-                    en, lo, hi = struct.unpack_from("<III", d, p)
-                    p += 12
-                    members.append((self._str(en), lo | hi << 32))
-            elif kind == FUNC_PROTO:
-                for _ in range(vlen):
-                    an, at = struct.unpack_from("<II", d, p)
-                    p += 8
-                    members.append((self._str(an), at))
+            per = _MEMBER_SIZE.get(kind)
+            if per is not None:
+                raw = (self, d, p, vlen, kflag)
+                p += per * vlen
             else:
+                raw = None
                 fixed, per = _EXTRA.get(kind, (0, 0))
                 p += fixed + per * vlen
-            t = _Type(self._str(name_off), kind, size, members)
+            t = _Type(self._str(name_off) if name_off else "", kind, size, raw)
             self.types.append(t)
             if kind == FUNC and t.name:
                 self._funcs.setdefault(t.name, size)   # a FUNC's "type" is its FUNC_PROTO
             if t.name:
-                key = {STRUCT: "struct ", UNION: "union ", ENUM: "enum ", ENUM64: "enum ",
-                       TYPEDEF: "typedef "}.get(kind)
+                key = names.get(kind)
                 if key:
                     self._by_name.setdefault(key + t.name, len(self.types) - 1)
+
+    def _decode_members(self, kind: int, d: bytes, p: int, vlen: int, kflag: int) -> list:
+        members = []
+        if kind in (STRUCT, UNION):
+            for i in range(vlen):
+                mn, mt, mo = struct.unpack_from("<III", d, p + 12 * i)
+                members.append((self._str(mn), mt, (mo & 0xFFFFFF) if kflag else mo))
+        elif kind == ENUM:
+            for i in range(vlen):
+                en, ev = struct.unpack_from("<Ii" if kflag else "<II", d, p + 8 * i)
+                members.append((self._str(en), ev))
+        elif kind == ENUM64:
+            for i in range(vlen):
+                en, lo, hi = struct.unpack_from("<III", d, p + 12 * i)
+                members.append((self._str(en), lo | hi << 32))
+        elif kind == FUNC_PROTO:
+            for i in range(vlen):
+                an, at = struct.unpack_from("<II", d, p + 8 * i)
+                members.append((self._str(an), at))
+        return members
 
     def _str(self, off: int) -> str:
         return self._strs[off:self._strs.index(b"\0", off)].decode()

@@ -183,7 +183,7 @@ def detect() -> Capabilities:
     btf = None
     if os.path.exists(VMLINUX_BTF):
         try:
-            btf = BTF()
+            btf = BTF.vmlinux()
             caps.btf = True
         except BTFError as e:
             caps.btf_error = str(e)

@@ -42,7 +42,7 @@ class TracepointBackend:
         """Look the masquerade notifiers up again: nf_nat may be a module loaded later."""
         if self._notifiers_known == len(MASQ_NOTIFIERS):
             return
-        ksyms = Kallsyms()
+        ksyms = Kallsyms.current()
         table = self.bpf["masq_notifiers"]
         known = 0
         for i, name in enumerate(MASQ_NOTIFIERS):
