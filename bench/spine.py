@@ -3,7 +3,7 @@
   1. process start -> probes attached: <= 3 s   (median of N starts of `rst-tracer watch`)
   2. bulk TCP through the lab's NAT with the tracer attached and no resets: <= 2 % throughput loss
      (iperf3 from Debian, cli -> nat (MASQUERADE) -> srv, offloads off, alternating runs)
-Run as root: .venv/bin/python bench/spine.py [--starts 5] [--seconds 5] [--rounds 2]
+Run as root: .venv/bin/python bench/spine.py [--starts 5] [--seconds 5] [--rounds 4]
 """
 import argparse
 import json
@@ -40,7 +40,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--starts", type=int, default=5)
     ap.add_argument("--seconds", type=float, default=5)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
     a = ap.parse_args()
 
     s = startup(a.starts)
