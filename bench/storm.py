@@ -101,6 +101,7 @@ def main() -> int:
               f"verdicts + {lost} reported lost = {verdicts + lost} ({(verdicts + lost) / sent * 100:.1f} % "
               f"accounted); netlink monitor overruns reported: {overruns}; tracer exit {t.p.returncode}, detached record: {bool(detached)}; "
               f"RSS start {rss[0] / 1024:.1f} MiB, max {max(rss) / 1024:.1f} MiB, end {rss[-1] / 1024:.1f} MiB")
+        print("RSS every 5 s (MiB): " + " ".join(f"{kib / 1024:.0f}" for kib in rss[::10]))
     return 0
 
 
