@@ -112,7 +112,7 @@ static __always_inline int send_reset(struct pt_regs *ctx, u16 probe)
     struct rst_event *e = new_event(0, KIND_RST_SENT, probe);
     if (!e)
         return 0;
-#if SEND_RESET_HAS_REASON
+#if SEND_RESET_REASON_ARG == 3
     e->reason = PT_REGS_PARM3(ctx);
 #endif
     e->sk = sk;
@@ -138,8 +138,10 @@ int kp_tcp_send_active_reset(struct pt_regs *ctx)
     struct rst_event *e = new_event(0, KIND_RST_SENT, PROBE_TCP_SEND_ACTIVE_RESET);
     if (!e || !sk)
         return 0;
-#if ACTIVE_RESET_HAS_REASON
+#if ACTIVE_RESET_REASON_ARG == 3
     e->reason = PT_REGS_PARM3(ctx);
+#elif ACTIVE_RESET_REASON_ARG == 2   // the compiler dropped `priority` (trixie)
+    e->reason = PT_REGS_PARM2(ctx);
 #endif
     e->sk = sk;
     fill_from_sock(e, sk, 1);

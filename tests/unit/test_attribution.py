@@ -177,3 +177,12 @@ def test_keepalive_timeout_without_the_kernels_reason():
     abort = Attributor("kprobe", "h").feed(KernelEvent(**common)).to_dict()
     assert keepalive["cause"] == "keepalive_timeout" and keepalive["confidence"] == "medium"
     assert abort["cause"] == "app_abort"
+
+
+def test_a_reason_not_specified_is_no_reason():
+    flow = Tuple(Endpoint("192.0.2.2", 80), Endpoint("192.0.2.1", 40000))
+    common = dict(kind=RST_SENT, ts=1.0, ts_ns=1, netns=1, ifindex=0, flow=flow, has_sock=True,
+                  sk_state="CLOSE", reason="NOT_SPECIFIED")
+    assert Attributor("kprobe", "h").feed(KernelEvent(**common)).to_dict()["cause"] == "app_abort"
+    assert Attributor("kprobe", "h").feed(KernelEvent(probes_out=2, **common)).to_dict()["cause"] == \
+        "keepalive_timeout"

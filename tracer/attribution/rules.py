@@ -42,6 +42,11 @@ def related_evidence(related: Optional[dict]) -> list:
                      f"{related['cause']} (verdict {related['id']})", related)]
 
 
+def no_reason(ev: KernelEvent) -> bool:
+    """The kernel gave no reason: none on this kernel/probe, or SK_RST_REASON_NOT_SPECIFIED."""
+    return ev.reason in ("", "NOT_SPECIFIED")
+
+
 def unknown_segment(ev: KernelEvent) -> bool:
     """A stack RST for a non-SYN segment with no connection socket (none, or a listener)."""
     return (ev.kind == RST_SENT and ev.has_skb and not ev.is_syn and ev.flow is not None
@@ -482,7 +487,7 @@ class KeepaliveTimeout(Rule):
             return None
         if ev.reason == "TCP_KEEPALIVE_TIMEOUT":
             confidence = "high"
-        elif not ev.reason and ev.has_sock and not ev.has_skb and ev.probes_out:
+        elif no_reason(ev) and ev.has_sock and not ev.has_skb and ev.probes_out:
             confidence = "medium"
         else:
             return None
@@ -510,7 +515,7 @@ class AppAbort(Rule):
 
     def explain(self, ev, state):
         if not (ev.kind == RST_SENT and ev.has_sock and not ev.has_skb and
-                (ev.reason in self.WHY or not ev.reason)):
+                (ev.reason in self.WHY or no_reason(ev))):
             return None
         why = self.WHY.get(ev.reason, "an active reset by the local application")
         return Finding(self.cause, f"{ev.comm or 'the application'} reset {ev.flow}: {why}",

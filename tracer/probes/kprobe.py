@@ -114,6 +114,10 @@ def tracepoint_exists(btf: BTF, caps: Capabilities, name: str) -> bool:
         return bool(caps.tracepoints.get(name))
 
 
+def _nth(arg: int) -> str:
+    return f"argument {arg}" if arg else "none"
+
+
 class KprobeBackend:
     name = "kprobe"
     source = "kprobes.c"
@@ -143,13 +147,18 @@ class KprobeBackend:
                 params = mod.func_params(func)
         return params
 
-    def _has_third_arg(self, func: str, since: tuple) -> tuple:
+    def _reason_arg(self, func: str, since: tuple) -> tuple:
+        """Which argument (1-based, 0: none) carries enum sk_rst_reason. From BTF's parameter
+        names where it has them: the compiler may drop an argument from the real signature
+        (trixie's tcp_send_active_reset is (sk, reason), priority gone), so position 3 of the
+        source is not a safe guess. Without BTF: argument 3 from 6.10 on."""
         params = self._params(func)
         if params is not None:
-            return len(params) >= 3, f"BTF: {func}({', '.join(params)})"
-        return self.caps.kernel_version >= since, \
-            f"no BTF record of {func}: by kernel version ({'>=' if self.caps.kernel_version >= since else '<'} " \
-            f"{'.'.join(map(str, since))})"
+            arg = params.index("reason") + 1 if "reason" in params else 0
+            return arg, f"BTF: {func}({', '.join(params)})"
+        arg = 3 if self.caps.kernel_version >= since else 0
+        return arg, f"no BTF record of {func}: by kernel version ({'>=' if arg else '<'} " \
+                    f"{'.'.join(map(str, since))})"
 
     def _defines(self) -> dict:
         d = kernel_defines(self.btf)
@@ -167,15 +176,15 @@ class KprobeBackend:
                 missing.append(s)
                 d[name] = 0
         self._missing_offsets = missing
-        has, self._send_reset_why = self._has_third_arg("tcp_v4_send_reset", (6, 10, 0))
-        d["SEND_RESET_HAS_REASON"] = int(has)
-        has6, why6 = self._has_third_arg("tcp_v6_send_reset", (6, 10, 0))
-        if has6 != has:
+        arg, self._send_reset_why = self._reason_arg("tcp_v4_send_reset", (6, 10, 0))
+        d["SEND_RESET_REASON_ARG"] = arg
+        arg6, why6 = self._reason_arg("tcp_v6_send_reset", (6, 10, 0))
+        if arg6 != arg:
             raise LoadError(f"tcp_v4_send_reset and tcp_v6_send_reset disagree on the reason argument: "
                             f"{self._send_reset_why}; {why6}")
         self._send_reset_why += "; " + why6
-        has, self._active_reset_why = self._has_third_arg("tcp_send_active_reset", (6, 10, 0))
-        d["ACTIVE_RESET_HAS_REASON"] = int(has)
+        d["ACTIVE_RESET_REASON_ARG"], self._active_reset_why = \
+            self._reason_arg("tcp_send_active_reset", (6, 10, 0))
         try:
             kfree_arity = self.btf.tracepoint_arity("kfree_skb")
         except BTFError:
@@ -338,10 +347,10 @@ class KprobeBackend:
         where = f"{p.kind} on {p.target}" + (f" [{p.module}]" if p.module else "")
         extra = ""
         if p.target in ("tcp_v4_send_reset", "tcp_v6_send_reset"):
-            extra = "; reason argument: " + ("yes" if self.defines["SEND_RESET_HAS_REASON"] else "no") + \
+            extra = "; reason argument: " + _nth(self.defines["SEND_RESET_REASON_ARG"]) + \
                 f" ({self._send_reset_why})"
         elif p.target == "tcp_send_active_reset":
-            extra = "; reason argument: " + ("yes" if self.defines["ACTIVE_RESET_HAS_REASON"] else "no") + \
+            extra = "; reason argument: " + _nth(self.defines["ACTIVE_RESET_REASON_ARG"]) + \
                 f" ({self._active_reset_why})"
         if p.note:
             extra += "; " + p.note
