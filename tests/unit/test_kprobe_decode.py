@@ -138,3 +138,20 @@ def test_a_listener_reset_carries_its_accept_queue():
                     accept_queue_max=1, saddr=V4("10.200.2.1"), daddr=V4("10.200.2.2"), sport=40000,
                     dport=8084), NAMES)
     assert ev.sk_state == "LISTEN" and (ev.accept_queue, ev.accept_queue_max) == (3, 1)
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/btf/vmlinux"), reason="no kernel BTF")
+def test_reset_reason_argument_is_found_by_name():
+    """The reason's position comes from BTF's parameter names, not from the source: this
+    kernel's tcp_send_active_reset is (sk, reason) (priority is gone), tcp_v4_send_reset
+    (sk, skb, reason)."""
+    from types import SimpleNamespace
+    from tracer.probes.kprobe import KprobeBackend
+    btf = BTF.vmlinux()
+    fake = SimpleNamespace(_params=btf.func_params, caps=SimpleNamespace(kernel_version=(6, 18, 0)))
+    for func in ("tcp_send_active_reset", "tcp_v4_send_reset"):
+        params = btf.func_params(func)
+        arg, why = KprobeBackend._reason_arg(fake, func, (6, 10, 0))
+        assert arg == (params.index("reason") + 1 if "reason" in params else 0) and "BTF" in why
+    old = SimpleNamespace(_params=lambda f: None, caps=SimpleNamespace(kernel_version=(6, 1, 0)))
+    assert KprobeBackend._reason_arg(old, "tcp_send_active_reset", (6, 10, 0))[0] == 0
