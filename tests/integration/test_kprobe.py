@@ -169,7 +169,11 @@ def test_probe_report_names_every_probe_and_why(nat_modules):
     assert not missing, {p: report[p]["why"] for p in missing}   # all present on 5.10, 6.1, 6.12
     inv = report["kprobe:nf_ct_l4proto_log_invalid"]["why"]
     assert f"format is argument {4 if KERNEL >= (5, 14, 0) else 3}" in inv
-    assert ("reason argument: yes" in report["kprobe:tcp_v4_send_reset"]["why"]) == (KERNEL >= (6, 10, 0))
+    reason = KERNEL >= (6, 10, 0)
+    assert ("reason argument: argument 3" if reason else "reason argument: none") in \
+        report["kprobe:tcp_v4_send_reset"]["why"]
+    # the argument is found by name: 6.12's tcp_send_active_reset is (sk, reason)
+    assert ("reason argument: none" in report["kprobe:tcp_send_active_reset"]["why"]) != reason
     kfree = report["skb:kfree_skb"]["why"]
     assert ("NETFILTER_DROP" in kfree) == (KERNEL >= (5, 17, 0))
     # doctor's view (capabilities, no BCC): the same functions, present now
