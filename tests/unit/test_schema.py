@@ -40,3 +40,13 @@ def test_rejects_what_it_does_not_understand(change):
     d = dict(sample().to_dict(), **change)
     with pytest.raises(SchemaError):
         Verdict.from_dict(d)
+
+
+def test_every_evidence_key_is_documented():
+    """Evidence keys are part of schema v1: each one the rules can emit is in the README."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    keys = set(re.findall(r'Evidence\("([a-z_]+)"', (root / "tracer/attribution/rules.py").read_text()))
+    readme = root.joinpath("README.md").read_text()
+    assert keys and not {k for k in keys if f"`{k}`" not in readme}
