@@ -204,7 +204,7 @@ def read_sysctls(path: str) -> dict:
 def read_nat_rules(path: str) -> dict:
     """Source-NAT rules of the namespace (iptables legacy/nft and nft, as doctor reads them)
     and whether they all randomise fully."""
-    rules = [r for r in in_netns(path, read_rules).nat if r.kind in SOURCE_NAT]
+    rules = [r for r in in_netns(path, lambda: read_rules(handles=False)).nat if r.kind in SOURCE_NAT]
     return {"rules": [r.text for r in rules], "random_fully": bool(rules) and all(r.random_fully for r in rules)}
 
 

@@ -379,9 +379,10 @@ def _run(cmd: list) -> tuple:
     return p.stdout, ""
 
 
-def read_rules(prefix: str = "") -> RuleSet:
+def read_rules(prefix: str = "", handles: bool = True) -> RuleSet:
     """Every flavour present: iptables legacy and nft (v4 and v6), then native nft. Without
-    `-t`, *-save dumps only the tables that exist: reading never creates one."""
+    `-t`, *-save dumps only the tables that exist: reading never creates one. `handles`:
+    also list nft rule handles (one more nft run), which only fix commands need."""
     rs = RuleSet()
     flavours = [f for f in IPTABLES_FLAVOURS if shutil.which(f[2])]
     if not any(f[1] == V4 for f in flavours):
@@ -403,13 +404,13 @@ def read_rules(prefix: str = "") -> RuleSet:
         if text is None:
             rs.read.append({"source": "nft", "status": "error", "detail": err})
         else:
-            listing, _ = _run(["nft", "-a", "list", "ruleset"])
-            handles = parse_nft_text_handles(listing or "")
+            listing = _run(["nft", "-a", "list", "ruleset"])[0] if handles else ""
+            rule_handles = parse_nft_text_handles(listing or "")
             # tables iptables-nft-save listed are read from there (xt rules are unreadable here)
             skip = frozenset(("ip6" if fam == V6 else "ip", t) for src, fam, t in rs.tables
                              if src == "iptables-nft" and t in IPTABLES_TABLES)
             try:
-                rs.extend(parse_nft_json(text, prefix, handles, skip))
+                rs.extend(parse_nft_json(text, prefix, rule_handles, skip))
                 rs.read.append({"source": "nft", "status": "read"})
             except ValueError as e:
                 rs.read.append({"source": "nft", "status": "error", "detail": f"bad JSON: {e}"})

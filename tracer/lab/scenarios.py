@@ -822,9 +822,9 @@ def listen_overflow(lab: NatLab, count: int = 8, backlog: int = 1, abort: bool =
 
 
 def timewait(lab: NatLab) -> Outcome:
-    """Ordinary reset: the server closes its side (FIN) and exits its socket; the client,
-    which only half-closed nothing, sends more data, which meets the server's TIME_WAIT
-    socket (FIN_WAIT2 substate) and is answered with RST."""
+    """Ordinary reset: the server closes its socket (FIN); the client, which has not closed
+    its side, sends more data, which meets the server's timewait socket (FIN_WAIT2
+    substate) and is answered with RST."""
     t_start = time.monotonic()
     with Sniffers(lab) as sn:
         client, server, inside, outside = idle_connection(lab, TIMEWAIT_PORT)
