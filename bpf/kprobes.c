@@ -103,6 +103,10 @@ static __always_inline void fill_from_ct(struct rst_event *e, u64 ct)
 }
 
 // -- resets sent ------------------------------------------------------------------------
+// enum sk_rst_reason, read from the argument BTF names `reason` (*_REASON_ARG, 0: the
+// kernel has none); its position moves: tcp_send_active_reset lost `priority` in 6.12.
+#define RESET_REASON(ctx, arg) ((arg) == 3 ? PT_REGS_PARM3(ctx) : (arg) == 2 ? PT_REGS_PARM2(ctx) : 0)
+
 // tcp_v4_send_reset / tcp_v6_send_reset (sk, skb[, enum sk_rst_reason]): skb is the segment
 // that drew the RST, sk NULL when no socket. The functions return early for an incoming RST
 // ("never answer a reset"): that is no RST sent, so it is not reported.
@@ -112,9 +116,7 @@ static __always_inline int send_reset(struct pt_regs *ctx, u16 probe)
     struct rst_event *e = new_event(0, KIND_RST_SENT, probe);
     if (!e)
         return 0;
-#if SEND_RESET_REASON_ARG == 3
-    e->reason = PT_REGS_PARM3(ctx);
-#endif
+    e->reason = RESET_REASON(ctx, SEND_RESET_REASON_ARG);
     e->sk = sk;
     e->skb = skb;
     if (skb) {
@@ -138,11 +140,7 @@ int kp_tcp_send_active_reset(struct pt_regs *ctx)
     struct rst_event *e = new_event(0, KIND_RST_SENT, PROBE_TCP_SEND_ACTIVE_RESET);
     if (!e || !sk)
         return 0;
-#if ACTIVE_RESET_REASON_ARG == 3
-    e->reason = PT_REGS_PARM3(ctx);
-#elif ACTIVE_RESET_REASON_ARG == 2   // the compiler dropped `priority` (trixie)
-    e->reason = PT_REGS_PARM2(ctx);
-#endif
+    e->reason = RESET_REASON(ctx, ACTIVE_RESET_REASON_ARG);
     e->sk = sk;
     fill_from_sock(e, sk, 1);
     event_submit(e);
