@@ -124,6 +124,37 @@ def test_vip_move_names_the_address_removal_and_the_new_port(fixtures):
     assert ev["new_nat_port"]["new"]["sport"] == facts["new_port"]
 
 
+def test_vip_move_renat_is_found_from_the_binding_when_the_entry_is_already_gone(fixtures):
+    """Kprobe backend, ring-buffer order: the new entry is bound (confirm), the server resets,
+    and only then the RST kills that entry on its way back through the router; by the time
+    user space looks it up over ctnetlink it may be gone. The binding seen before the reset
+    is what links the reset to the flushed entry."""
+    import dataclasses
+    from tracer.events import CT_DESTROY, NAT_BINDING
+    from tracer.recording import read_recording
+    events = list(read_recording(str(fixtures / "vip-move.rec"))[1])
+    facts = json.loads((fixtures / "vip-move.facts.json").read_text())
+    reset = next(e for e in events if e.kind == RST_SENT and e.netns == facts["netns"]["srv"])
+    new_entry = next(e for e in events if e.kind == CT_DESTROY and e.entry.reply.dst.port == facts["new_port"])
+    # what the kernel order looks like: the new entry's deletion after the reset
+    raced = [e for e in events if e is not new_entry]
+    raced.insert(raced.index(reset) + 1, new_entry)
+    binding = dataclasses.replace(new_entry, kind=NAT_BINDING, ts=reset.ts - 0.001)
+
+    def server_reset_verdict(stream):
+        attributor = Attributor("kprobe", "h")
+        verdicts = {id(e): attributor.feed(e) for e in stream}
+        return verdicts[id(reset)].to_dict()
+
+    assert server_reset_verdict(raced)["cause"] == "no_connection"
+    with_binding = list(raced)
+    with_binding.insert(with_binding.index(reset), binding)
+    v = server_reset_verdict(with_binding)
+    assert v["cause"] == "conntrack_flushed"
+    assert v["netns"] == facts["netns"]["srv"] and v["nat"]["inside"] == facts["inside"]
+    assert v["nat"]["outside_after"] == facts["new_outside"]
+
+
 def test_dhcp_renew_is_a_flush_seen_from_the_server_side(fixtures):
     verdicts, facts = scenario(fixtures, "dhcp-renew")
     v = only(verdicts, "conntrack_flushed")

@@ -167,9 +167,11 @@ def deletion_for(ev: KernelEvent, state: AttributionState):
             return gone, "unnated", None
     successors = [(hit["netns"], hit["entry"]) for hit in ev.context.nat_elsewhere
                   if hit["match"] == "reply_reversed"]
-    killed = state.deletion_by_reply_anywhere(ev.flow.reversed())
-    if killed is not None:
-        successors.append((killed.netns, killed.entry))
+    # the kprobe backend saw the new entry being bound, before this reset: unlike the
+    # ctnetlink lookup, that cannot lose the race with the RST that kills the entry
+    for seen in (state.binding_anywhere(ev.flow.reversed()), state.deletion_by_reply_anywhere(ev.flow.reversed())):
+        if seen is not None:
+            successors.append((seen.netns, seen.entry))
     for netns, new in successors:
         for old in state.deletions_by_orig(netns, new.orig):
             if old.entry.reply != new.reply:

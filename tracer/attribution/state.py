@@ -88,6 +88,7 @@ class AttributionState:
         self._triggers: dict = {}   # netns -> deque of Trigger
         self._invalid = BoundedMap(60, 10_000)              # (netns, segment) -> ct_invalid event
         self._bindings = BoundedMap(memory_ttl, max_entries)  # (netns, reply) -> nat_binding event
+        self._bindings_any = BoundedMap(memory_ttl, max_entries)  # reply -> nat_binding event
         self.now = 0.0
 
     # -- root-cause verdicts ---------------------------------------------------------
@@ -137,9 +138,14 @@ class AttributionState:
 
     def add_binding(self, ev: KernelEvent) -> None:
         self._bindings.put((ev.netns, ev.entry.reply), ev, ev.ts)
+        self._bindings_any.put(ev.entry.reply, ev, ev.ts)
 
     def binding_for(self, netns: int, reply: Tuple) -> Optional[KernelEvent]:
         hit = self._bindings.get((netns, reply), self.now)
+        return hit[1] if hit else None
+
+    def binding_anywhere(self, reply: Tuple) -> Optional[KernelEvent]:
+        hit = self._bindings_any.get(reply, self.now)
         return hit[1] if hit else None
 
     # -- what flushes entries ------------------------------------------------------------
