@@ -363,7 +363,13 @@ struct masq_detail {
     u8 addr[16];
     char ifname[16];
 };
-BPF_HASH(masq_detail, u32, struct masq_detail, 1024);   // netns -> its last masquerade trigger
+// per netns, the last trigger of each kind: a link going down also removes its IPv6
+// addresses, and only the device event explains the flush of an IPv4 entry
+struct masq_key {
+    u32 netns;
+    u32 family;     // 0: device down, 4/6: address removal
+};
+BPF_HASH(masq_detail, struct masq_key, struct masq_detail, 1024);
 
 static __always_inline int masq_trigger(struct pt_regs *ctx, u64 dev, u8 family, u64 addr, u16 probe)
 {
@@ -383,7 +389,8 @@ static __always_inline int masq_trigger(struct pt_regs *ctx, u64 dev, u8 family,
     if (family)
         bpf_probe_read_kernel(d.addr, family == 6 ? 16 : 4, (void *)addr);
     bpf_probe_read_kernel_str(d.ifname, sizeof(d.ifname), (void *)(dev + OFF_NET_DEVICE_NAME));
-    masq_detail.update(&netns, &d);
+    struct masq_key key = {.netns = netns, .family = family};
+    masq_detail.update(&key, &d);
 
     struct rst_event *e = new_event(0, KIND_MASQ_NOTIFIER, probe);
     if (!e)
@@ -464,6 +471,30 @@ int kr_early_drop(struct pt_regs *ctx)
     return 0;
 }
 
+static __always_inline struct masq_detail *recent_detail(u32 netns, u32 family, u64 now)
+{
+    struct masq_key key = {.netns = netns, .family = family};
+    struct masq_detail *d = masq_detail.lookup(&key);
+    return d && now - d->ts < MASQ_DETAIL_MAX_NS ? d : 0;
+}
+
+// The trigger that can have flushed this entry (e: its tuples already read): the removal
+// of its own NAT address, else the latest of a device-down and the removal of another
+// address of its family (5.10 flushes the whole device on any IPv4 address removal).
+static __always_inline struct masq_detail *masq_detail_for(struct rst_event *e, u64 now)
+{
+    struct masq_detail *addr = recent_detail(e->netns, e->ct_family, now);
+    struct masq_detail *dev = recent_detail(e->netns, 0, now);
+    if (addr) {
+        u32 *a = (u32 *)addr->addr, *nat = (u32 *)e->ct_reply_daddr;
+        if (a[0] == nat[0] && a[1] == nat[1] && a[2] == nat[2] && a[3] == nat[3])
+            return addr;
+    }
+    if (addr && dev)
+        return addr->ts > dev->ts ? addr : dev;
+    return addr ? addr : dev;
+}
+
 // nf_ct_delete(ct, portid, report): every deletion of a confirmed entry. Only NATed TCP
 // entries are reported (the others cannot cause the resets we attribute). Where the
 // compiler split it (5.10: nf_ct_delete.part.0, called from inlined copies of the
@@ -497,9 +528,8 @@ int kp_ct_delete(struct pt_regs *ctx)
         e->delete_reason = DEL_EARLY_DROP;
     } else if (walk && now - *walk < WALK_MAX_NS) {
         e->delete_reason = DEL_MASQUERADE;
-        u32 netns = e->netns;
-        struct masq_detail *d = masq_detail.lookup(&netns);
-        if (d && now - d->ts < MASQ_DETAIL_MAX_NS) {
+        struct masq_detail *d = masq_detail_for(e, now);
+        if (d) {
             if (!d->family)
                 e->delete_reason = DEL_DEVICE;
             e->detail_ifindex = d->ifindex;

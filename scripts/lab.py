@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import click  # noqa: E402
 
+from tracer.events import MASQ_NOTIFIER  # noqa: E402
 from tracer.lab import scenarios  # noqa: E402
 from tracer.lab.harness import TracerProcess  # noqa: E402
 from tracer.lab.topology import LabError, NatLab  # noqa: E402
@@ -56,8 +57,10 @@ def run(scenario, drop_invalid, random_fully, trace, record, as_json):
         if tracer:
             tracer.stop()
     click.echo(json.dumps({"scenario": outcome.name, "facts": outcome.facts}))
-    if record:  # only this lab's events: other namespaces of the host are not the scenario
-        keep_only(record, lambda ev: ev.netns in mine)
+    if record:  # only this lab's events: other namespaces of the host are not the scenario.
+        # The notifiers run in the namespace of the task that changed the link or address:
+        # for pyroute2 calls, this process's own (root) namespace.
+        keep_only(record, lambda ev: ev.netns in mine or (ev.kind == MASQ_NOTIFIER and ev.pid == os.getpid()))
     if tracer:
         for rec in tracer.records:
             click.echo(json.dumps(rec) if as_json else format_human(rec))

@@ -170,6 +170,19 @@ def test_vip_move_blames_the_address_removal_and_shows_the_new_port():
         assert not run.causes("unexplained")
 
 
+def test_device_down_blames_the_link_and_shows_the_new_port():
+    with traced("device-down") as run:
+        run.assert_wire_covered()
+        v = next(v for v in run.causes("conntrack_flushed") if v["netns"] == run.facts["netns"]["srv"])
+        ev = run.evidence(v)
+        assert v["nat"]["inside"] == run.facts["inside"] and v["nat"]["outside"] == run.facts["outside"]
+        assert v["nat"]["outside_after"] == run.facts["new_outside"]
+        assert ev["flush_trigger"]["kind"] == "link_down" and ev["flush_trigger"]["ifname"] == "n2"
+        assert ev["masquerade_notifier"]["notifier"] == "masq_device_event"
+        assert abs(ev["deleted_entry"]["deleted_ts"] - run.facts["timestamps"]["down"]) < 1.0
+        assert not run.causes("unexplained")
+
+
 @pytest.mark.parametrize("probe", ["keepalive", "data"])
 def test_dhcp_renew_blames_the_renewal_on_the_routers_reset(probe):
     with traced("dhcp-renew", probe=probe) as run:

@@ -341,6 +341,18 @@ def test_dhcp_renew_flush_names_the_masquerade_walk(tracer):
         _flushed_by_masquerade(tracer, lab, outcome)
 
 
+def test_device_down_deletion_names_the_device(tracer):
+    with NatLab() as lab:
+        outcome = run_scenario("device-down", lab)
+        verdicts = lab_verdicts(tracer, lab)
+    v = next((v for v in verdicts if v["cause"] == "conntrack_flushed"), None)
+    assert v is not None, [v["cause"] for v in verdicts]
+    assert (v["nat"]["inside"]["src"], v["nat"]["inside"]["sport"]) == \
+        (outcome.facts["inside"]["src"], outcome.facts["inside"]["sport"])
+    reason = evidence(v)["delete_reason"]
+    assert reason["reason"] == "device" and reason["ifname"] == "n2"
+
+
 def test_ct_expire_deletion_is_a_timeout(tracer):
     with NatLab() as lab:
         outcome = run_scenario("ct-expire", lab)

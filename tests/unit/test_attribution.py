@@ -124,6 +124,19 @@ def test_vip_move_names_the_address_removal_and_the_new_port(fixtures):
     assert ev["new_nat_port"]["new"]["sport"] == facts["new_port"]
 
 
+def test_device_down_is_a_flush_by_the_link_not_by_its_ipv6_addresses(fixtures):
+    """A link going down also drops its IPv6 addresses (netlink reports those removals at
+    the same instant): they cannot flush an IPv4 entry, the device event did."""
+    verdicts, facts = scenario(fixtures, "device-down")
+    first = next(v for v in verdicts if v["cause"] == "conntrack_flushed")
+    assert first["netns"] == facts["netns"]["srv"]
+    assert first["nat"]["inside"] == facts["inside"] and first["nat"]["outside_after"] == facts["new_outside"]
+    ev = {e["key"]: e["value"] for e in first["evidence"]}
+    assert ev["flush_trigger"]["kind"] == "link_down" and ev["flush_trigger"]["ifname"] == facts["device"]
+    assert ev["masquerade_notifier"]["notifier"] == "masq_device_event"
+    assert "going down" in first["summary"] and "SNAT --to-source" in " ".join(first["remedy"]["commands"])
+
+
 def test_vip_move_renat_is_found_from_the_binding_when_the_entry_is_already_gone(fixtures):
     """Kprobe backend, ring-buffer order: the new entry is bound (confirm), the server resets,
     and only then the RST kills that entry on its way back through the router; by the time

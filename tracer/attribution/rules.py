@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..events import (IPS_CONFIRMED, IPS_SRC_NAT, RST_RECEIVED, RST_SENT, SKB_DROPPED,
+from ..events import (IPS_CONFIRMED, IPS_SRC_NAT, LINK_DOWN, RST_RECEIVED, RST_SENT, SKB_DROPPED,
                       KernelEvent, ct_status_names, flag_names)
 from ..schema import Evidence, Remedy
 from .state import AttributionState, Deletion
@@ -215,6 +215,12 @@ class ConntrackFlushed(Rule):
         "applications should reconnect on ECONNRESET.",
         ["# /etc/systemd/network/<link>.network: [Network] KeepConfiguration=dhcp",
          "iptables -t nat -R POSTROUTING <n> -o <if> -j SNAT --to-source <stable address>"])
+    REMEDY_DEVICE = Remedy(
+        "MASQUERADE forgets every connection through an interface that goes down, even for an "
+        "instant; SNAT to a fixed address keeps them. Find why the link flapped (carrier loss, "
+        "a network manager reconfiguring it); applications should reconnect on ECONNRESET.",
+        ["iptables -t nat -R POSTROUTING <n> -o <if> -j SNAT --to-source <stable address>",
+         "ip monitor link   # or: journalctl -k | grep -i 'link is down'"])
     REMEDY_UNKNOWN = Remedy(
         "The entry was deleted without an address or device event: look for `conntrack -D/-F` "
         "or an agent (kube-proxy, CNI) deleting entries over ctnetlink.",
@@ -224,7 +230,7 @@ class ConntrackFlushed(Rule):
         gone, how, hit = deletion_for(ev, state)
         if gone is None:
             return None
-        trigger = state.trigger_near(gone.netns, gone.ts)
+        trigger = state.trigger_near(gone.netns, gone.ts, gone)
         if gone.expired and (trigger is None or gone.reason == "timeout"):
             return None   # ConntrackExpired
         evidence = deletion_evidence(ev, gone, how, hit)
@@ -247,12 +253,16 @@ class ConntrackFlushed(Rule):
         if trigger is None and gone.reason in ("masquerade", "device"):
             what = f"the masquerade cleanup ({gone.reason} {gone.detail or ''})".strip()
         known = trigger is not None or gone.reason in ("masquerade", "device")
+        if (trigger.kind == LINK_DOWN) if trigger is not None else gone.reason == "device":
+            remedy = self.REMEDY_DEVICE
+        else:
+            remedy = self.REMEDY_ADDRESS if known else self.REMEDY_UNKNOWN
         return Finding(self.cause,
                        f"conntrack entry of {gone.entry.orig} was flushed by {what}; "
                        f"{'its next packet was re-NATed to a new port' if how == 'renated' else 'the next packet was not de-NATed'}"
                        f" and drew this RST",
                        "high" if known or gone.reason else "medium", evidence,
-                       self.REMEDY_ADDRESS if known else self.REMEDY_UNKNOWN, nat=nat, keys=keys)
+                       remedy, nat=nat, keys=keys)
 
 
 class ConntrackExpired(Rule):

@@ -154,16 +154,29 @@ class AttributionState:
                     ev.notifier)
         self._triggers.setdefault(ev.netns, deque(maxlen=256)).append(t)
 
-    def trigger_near(self, netns: int, ts: float) -> Optional[Trigger]:
-        """The address removal or device-down event closest to a deletion in that namespace,
-        if any is within TRIGGER_WINDOW_S (an address removal is the most telling of them).
+    def trigger_near(self, netns: int, ts: float, gone: Optional[Deletion] = None) -> Optional[Trigger]:
+        """The address removal or device-down event in that namespace, within
+        TRIGGER_WINDOW_S of a deletion, that best explains it: the removal of the entry's own
+        NAT address, a device going down (first when the kernel said so), the removal of
+        another address of the same family (5.10 flushes the whole device on any IPv4
+        removal), then anything else; the closest in time among equals. A link going down
+        also removes its IPv6 addresses: those removals do not explain an IPv4 entry.
         A masquerade notifier run alone is no trigger: it runs for every address and device
         event (additions, new veths), not only the ones that flush."""
         near = [t for t in self._triggers.get(netns, ())
                 if t.kind in (ADDR_REMOVED, LINK_DOWN) and abs(ts - t.ts) <= TRIGGER_WINDOW_S]
         if not near:
             return None
-        return min(near, key=lambda t: (t.kind != ADDR_REMOVED, abs(ts - t.ts)))
+        nat_addr = gone.entry.reply.dst.addr if gone is not None else ""
+        by_device = gone is not None and gone.reason == "device"
+
+        def rank(t: Trigger) -> int:
+            if t.kind == LINK_DOWN:
+                return 0 if by_device else 1
+            if t.address.split("/")[0] == nat_addr:
+                return 1 if by_device else 0
+            return 2 if (":" in t.address) == (":" in nat_addr) else 3
+        return min(near, key=lambda t: (rank(t), abs(ts - t.ts)))
 
     def notifier_for(self, trigger: Trigger) -> Optional[Trigger]:
         """The masquerade notifier run that answered an address removal or device-down

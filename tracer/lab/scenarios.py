@@ -437,6 +437,48 @@ def snat_race(lab: NatLab, random_fully=None, procs: int = 8, rounds: int = 250,
 
 
 # -- incident 3 -------------------------------------------------------------------------
+def _client_speaks_first(lab: NatLab, sn, client: Follow, server: Follow, inside: dict, outside: dict,
+                         ts: dict) -> dict:
+    """The router's entry is gone and the client sends on its idle connection: the segment
+    is SNATed by a new entry (a new port with --random-fully) and the server's listener
+    answers RST; the client gets ECONNRESET. Facts of the new binding, from both captures."""
+    flushed_after = _gone(lab, CLI_ADDR, inside["sport"], 3.0)
+    ts["flush_seen"] = time.time() if flushed_after is not None else None
+    since = client.mark()
+    ts["client_sent"] = time.time()
+    client.cmd("send 8", "sent")
+    err = wait_until(lambda: client.find("error", since), 1.5, 0.02)
+    ts["reset"] = err["ts"] if err else None
+    entry = find_entry(lab, CLI_ADDR, inside["sport"])
+    # same port again (possible without --random-fully): the old server socket takes it
+    got = server.cmd("read 0.3", ("received", "eof", "cmd-error")) if not err else {}
+    sn.stop()
+    new = [s for s in sn.segments("srv") if s["dir"] == "in" and s["dport"] == SERVER_PORT and s["len"] > 0
+           and s["src"] == outside["src"] and s["ts"] >= ts["client_sent"] - 0.01]
+    new_port = new[0]["sport"] if new else None
+    # the router's view of the same segment: in on n1 from the inside tuple, out on n2 NATed
+    seqs = {s["seq"] for s in sn.segments("nat") if s["dir"] == "in" and s["src"] == CLI_ADDR
+            and s["sport"] == inside["sport"] and s["len"] > 0 and s["ts"] >= ts["client_sent"] - 0.01}
+    natted = [s for s in sn.segments("nat") if s["dir"] == "out" and s["iface"] == "n2" and s["seq"] in seqs
+              and s["len"] > 0 and s["ts"] >= ts["client_sent"] - 0.01]
+    return {
+        "inside": inside,
+        "outside": outside,
+        "new_outside": tup(outside["src"], new_port, SRV_ADDR, SERVER_PORT) if new_port else None,
+        "old_port": outside["sport"], "new_port": new_port,
+        "port_changed": new_port is not None and new_port != outside["sport"],
+        "new_port_router": natted[0]["sport"] if natted else None,
+        # the new entry saw only the RST as reply: conntrack deletes such an entry at once
+        "new_entry_left": entry,
+        "flushed": flushed_after is not None, "flush_delay": flushed_after,
+        "client_after": err.get("errno") if err else None,
+        "survived": not err and got.get("bytes", 0) > 0,
+        "rsts": sn.rsts(),
+        "timestamps": ts,
+        "netns": netns_facts(lab),
+    }
+
+
 def vip_move(lab: NatLab, random_fully=True, vip: str = VIP_MOVE_VIP) -> Outcome:
     """Incident 3: a VIP comes and goes on the router's outside interface, then the address
     MASQUERADE used is removed and re-added: the idle connection's entry is flushed, the
@@ -455,42 +497,33 @@ def vip_move(lab: NatLab, random_fully=True, vip: str = VIP_MOVE_VIP) -> Outcome
         time.sleep(0.5)  # the masquerade cleanup runs from a work queue
         vip_flushed = find_entry(lab, CLI_ADDR, inside["sport"]) is None
         ts.update(_readdress(lab))
-        flushed_after = _gone(lab, CLI_ADDR, inside["sport"], 3.0)
-        ts["flush_seen"] = time.time() if flushed_after is not None else None
-        since = client.mark()
-        ts["client_sent"] = time.time()
-        client.cmd("send 8", "sent")
-        err = wait_until(lambda: client.find("error", since), 1.5, 0.02)
-        ts["reset"] = err["ts"] if err else None
-        entry = find_entry(lab, CLI_ADDR, inside["sport"])
-        # same port again (possible without --random-fully): the old server socket takes it
-        got = server.cmd("read 0.3", ("received", "eof", "cmd-error")) if not err else {}
-    new = [s for s in sn.segments("srv") if s["dir"] == "in" and s["dport"] == SERVER_PORT and s["len"] > 0
-           and s["src"] == outside["src"] and s["ts"] >= ts["client_sent"] - 0.01]
-    new_port = new[0]["sport"] if new else None
-    # the router's view of the same segment: in on n1 from the inside tuple, out on n2 NATed
-    seqs = {s["seq"] for s in sn.segments("nat") if s["dir"] == "in" and s["src"] == CLI_ADDR
-            and s["sport"] == inside["sport"] and s["len"] > 0 and s["ts"] >= ts["client_sent"] - 0.01}
-    natted = [s for s in sn.segments("nat") if s["dir"] == "out" and s["iface"] == "n2" and s["seq"] in seqs
-              and s["len"] > 0 and s["ts"] >= ts["client_sent"] - 0.01]
+        facts = _client_speaks_first(lab, sn, client, server, inside, outside, ts)
     return Outcome("vip-move", {
-        "random_fully": rf,
-        "inside": inside,
-        "outside": outside,
-        "new_outside": tup(outside["src"], new_port, SRV_ADDR, SERVER_PORT) if new_port else None,
-        "old_port": outside["sport"], "new_port": new_port,
-        "port_changed": new_port is not None and new_port != outside["sport"],
-        "new_port_router": natted[0]["sport"] if natted else None,
-        # the new entry saw only the RST as reply: conntrack deletes such an entry at once
-        "new_entry_left": entry,
+        "random_fully": rf, **facts,
         "vip": f"{vip}/32", "vip_removal_flushed": vip_flushed,
         "address_removed": f"{NAT_OUT_ADDR}/{NAT_OUT_PREFIX}", "device": "n2",
-        "flushed": flushed_after is not None, "flush_delay": flushed_after,
-        "client_after": err.get("errno") if err else None,
-        "survived": not err and got.get("bytes", 0) > 0,
-        "rsts": sn.rsts(),
-        "timestamps": ts,
-        "netns": netns_facts(lab),
+        "duration": time.monotonic() - t_start,
+    })
+
+
+def device_down(lab: NatLab, random_fully=True) -> Outcome:
+    """The masquerading interface goes down and comes back (link flap, NIC reset, a network
+    manager reconfiguring it): the masquerade device notifier flushes every entry NATed out
+    of it, addresses untouched; as in vip-move, the client's next segment gets a new port
+    and the server's listener answers RST."""
+    t_start = time.monotonic()
+    rf = _masquerade(lab, random_fully)
+    ts: dict = {}
+    with Sniffers(lab, port=SERVER_PORT) as sn:
+        client, server, inside, outside = idle_connection(lab)
+        ts["down"] = time.time()
+        lab.set_link(lab.nat, "n2", up=False)
+        ts["down_done"] = time.time()
+        lab.set_link(lab.nat, "n2", up=True)
+        ts["up"] = time.time()
+        facts = _client_speaks_first(lab, sn, client, server, inside, outside, ts)
+    return Outcome("device-down", {
+        "random_fully": rf, **facts, "device": "n2",
         "duration": time.monotonic() - t_start,
     })
 
@@ -842,6 +875,6 @@ def timewait(lab: NatLab) -> Outcome:
 
 
 SCENARIOS = {"invalid-window": invalid_window, "closed-port": closed_port, "invalid-dnat": invalid_dnat,
-             "snat-race": snat_race, "vip-move": vip_move, "dhcp-renew": dhcp_renew, "ct-expire": ct_expire,
+             "snat-race": snat_race, "vip-move": vip_move, "device-down": device_down, "dhcp-renew": dhcp_renew, "ct-expire": ct_expire,
              "table-full": table_full, "app-abort": app_abort, "keepalive-timeout": keepalive_timeout,
              "listen-overflow": listen_overflow, "timewait": timewait}

@@ -194,6 +194,12 @@ class NatLab:
         with NetNS(ns) as ipr:
             ipr.addr("del", index=ipr.link_lookup(ifname=dev)[0], address=addr, prefixlen=prefixlen)
 
+    def set_link(self, ns: str, dev: str, up: bool) -> None:
+        with NetNS(ns) as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname=dev)[0], state="up" if up else "down")
+        if up:
+            self._wait_carrier()
+
     def conntrack(self, ns: str = "", proto: str = "tcp") -> list:
         """The conntrack table of a namespace (the router by default), parsed:
         [{"proto", "state", "timeout", "orig": {src,dst,sport,dport}, "reply": {...}, "flags"}]."""
