@@ -155,32 +155,33 @@ def test_snat_race_with_random_fully_says_so():
             assert run.evidence(v)["masquerade_rules"]["random_fully"] is True
 
 
+def _renated_flush(run) -> dict:
+    """The server's listener reset the client's re-NATed segment: a conntrack_flushed verdict
+    on the client's flow, old and new NAT tuples as the lab saw them; its evidence."""
+    run.assert_wire_covered()
+    v = next(v for v in run.causes("conntrack_flushed") if v["netns"] == run.facts["netns"]["srv"])
+    assert v["nat"]["inside"] == run.facts["inside"] and v["nat"]["outside"] == run.facts["outside"]
+    assert v["nat"]["outside_after"] == run.facts["new_outside"]
+    assert not run.causes("unexplained")
+    return run.evidence(v)
+
+
 def test_vip_move_blames_the_address_removal_and_shows_the_new_port():
     with traced("vip-move") as run:
-        run.assert_wire_covered()
-        v = next(v for v in run.causes("conntrack_flushed") if v["netns"] == run.facts["netns"]["srv"])
-        ev = run.evidence(v)
-        assert v["nat"]["inside"] == run.facts["inside"] and v["nat"]["outside"] == run.facts["outside"]
-        assert v["nat"]["outside_after"] == run.facts["new_outside"]
+        ev = _renated_flush(run)
         assert ev["flush_trigger"]["kind"] == "addr_removed"
         assert ev["flush_trigger"]["address"] == run.facts["address_removed"]
         assert ev["masquerade_notifier"]["notifier"] == "masq_inet_event"
         assert ev["new_nat_port"]["new"]["sport"] == run.facts["new_port"]
         assert abs(ev["deleted_entry"]["deleted_ts"] - run.facts["timestamps"]["removed"]) < 1.0
-        assert not run.causes("unexplained")
 
 
 def test_device_down_blames_the_link_and_shows_the_new_port():
     with traced("device-down") as run:
-        run.assert_wire_covered()
-        v = next(v for v in run.causes("conntrack_flushed") if v["netns"] == run.facts["netns"]["srv"])
-        ev = run.evidence(v)
-        assert v["nat"]["inside"] == run.facts["inside"] and v["nat"]["outside"] == run.facts["outside"]
-        assert v["nat"]["outside_after"] == run.facts["new_outside"]
+        ev = _renated_flush(run)
         assert ev["flush_trigger"]["kind"] == "link_down" and ev["flush_trigger"]["ifname"] == "n2"
         assert ev["masquerade_notifier"]["notifier"] == "masq_device_event"
         assert abs(ev["deleted_entry"]["deleted_ts"] - run.facts["timestamps"]["down"]) < 1.0
-        assert not run.causes("unexplained")
 
 
 @pytest.mark.parametrize("probe", ["keepalive", "data"])

@@ -169,7 +169,8 @@ def deletion_for(ev: KernelEvent, state: AttributionState):
                   if hit["match"] == "reply_reversed"]
     # the kprobe backend saw the new entry being bound, before this reset: unlike the
     # ctnetlink lookup, that cannot lose the race with the RST that kills the entry
-    for seen in (state.binding_anywhere(ev.flow.reversed()), state.deletion_by_reply_anywhere(ev.flow.reversed())):
+    reply = ev.flow.reversed()
+    for seen in (state.binding_anywhere(reply), state.deletion_by_reply_anywhere(reply)):
         if seen is not None:
             successors.append((seen.netns, seen.entry))
     for netns, new in successors:
@@ -253,10 +254,8 @@ class ConntrackFlushed(Rule):
         if trigger is None and gone.reason in ("masquerade", "device"):
             what = f"the masquerade cleanup ({gone.reason} {gone.detail or ''})".strip()
         known = trigger is not None or gone.reason in ("masquerade", "device")
-        if (trigger.kind == LINK_DOWN) if trigger is not None else gone.reason == "device":
-            remedy = self.REMEDY_DEVICE
-        else:
-            remedy = self.REMEDY_ADDRESS if known else self.REMEDY_UNKNOWN
+        by_device = trigger.kind == LINK_DOWN if trigger is not None else gone.reason == "device"
+        remedy = self.REMEDY_DEVICE if by_device else self.REMEDY_ADDRESS if known else self.REMEDY_UNKNOWN
         return Finding(self.cause,
                        f"conntrack entry of {gone.entry.orig} was flushed by {what}; "
                        f"{'its next packet was re-NATed to a new port' if how == 'renated' else 'the next packet was not de-NATed'}"

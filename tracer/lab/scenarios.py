@@ -437,22 +437,28 @@ def snat_race(lab: NatLab, random_fully=None, procs: int = 8, rounds: int = 250,
 
 
 # -- incident 3 -------------------------------------------------------------------------
-def _client_speaks_first(lab: NatLab, sn, client: Follow, server: Follow, inside: dict, outside: dict,
-                         ts: dict) -> dict:
-    """The router's entry is gone and the client sends on its idle connection: the segment
-    is SNATed by a new entry (a new port with --random-fully) and the server's listener
-    answers RST; the client gets ECONNRESET. Facts of the new binding, from both captures."""
-    flushed_after = _gone(lab, CLI_ADDR, inside["sport"], 3.0)
-    ts["flush_seen"] = time.time() if flushed_after is not None else None
-    since = client.mark()
-    ts["client_sent"] = time.time()
-    client.cmd("send 8", "sent")
-    err = wait_until(lambda: client.find("error", since), 1.5, 0.02)
-    ts["reset"] = err["ts"] if err else None
-    entry = find_entry(lab, CLI_ADDR, inside["sport"])
-    # same port again (possible without --random-fully): the old server socket takes it
-    got = server.cmd("read 0.3", ("received", "eof", "cmd-error")) if not err else {}
-    sn.stop()
+def _flush_then_client_sends(lab: NatLab, name: str, random_fully, flush) -> Outcome:
+    """An idle connection through the router; `flush(inside, ts)` makes the router lose its
+    entry (and returns its own facts); then the client sends on that connection: the
+    segment is SNATed by a new entry (a new port with --random-fully), the server's
+    listener answers RST and the client gets ECONNRESET. The new binding's facts come from
+    both captures."""
+    t_start = time.monotonic()
+    rf = _masquerade(lab, random_fully)
+    ts: dict = {}
+    with Sniffers(lab, port=SERVER_PORT) as sn:
+        client, server, inside, outside = idle_connection(lab)
+        flush_facts = flush(inside, ts)
+        flushed_after = _gone(lab, CLI_ADDR, inside["sport"], 3.0)
+        ts["flush_seen"] = time.time() if flushed_after is not None else None
+        since = client.mark()
+        ts["client_sent"] = time.time()
+        client.cmd("send 8", "sent")
+        err = wait_until(lambda: client.find("error", since), 1.5, 0.02)
+        ts["reset"] = err["ts"] if err else None
+        entry = find_entry(lab, CLI_ADDR, inside["sport"])
+        # same port again (possible without --random-fully): the old server socket takes it
+        got = server.cmd("read 0.3", ("received", "eof", "cmd-error")) if not err else {}
     new = [s for s in sn.segments("srv") if s["dir"] == "in" and s["dport"] == SERVER_PORT and s["len"] > 0
            and s["src"] == outside["src"] and s["ts"] >= ts["client_sent"] - 0.01]
     new_port = new[0]["sport"] if new else None
@@ -461,7 +467,9 @@ def _client_speaks_first(lab: NatLab, sn, client: Follow, server: Follow, inside
             and s["sport"] == inside["sport"] and s["len"] > 0 and s["ts"] >= ts["client_sent"] - 0.01}
     natted = [s for s in sn.segments("nat") if s["dir"] == "out" and s["iface"] == "n2" and s["seq"] in seqs
               and s["len"] > 0 and s["ts"] >= ts["client_sent"] - 0.01]
-    return {
+    return Outcome(name, {
+        "random_fully": rf,
+        **flush_facts,
         "inside": inside,
         "outside": outside,
         "new_outside": tup(outside["src"], new_port, SRV_ADDR, SERVER_PORT) if new_port else None,
@@ -470,24 +478,22 @@ def _client_speaks_first(lab: NatLab, sn, client: Follow, server: Follow, inside
         "new_port_router": natted[0]["sport"] if natted else None,
         # the new entry saw only the RST as reply: conntrack deletes such an entry at once
         "new_entry_left": entry,
+        "device": "n2",
         "flushed": flushed_after is not None, "flush_delay": flushed_after,
         "client_after": err.get("errno") if err else None,
         "survived": not err and got.get("bytes", 0) > 0,
         "rsts": sn.rsts(),
         "timestamps": ts,
         "netns": netns_facts(lab),
-    }
+        "duration": time.monotonic() - t_start,
+    })
 
 
 def vip_move(lab: NatLab, random_fully=True, vip: str = VIP_MOVE_VIP) -> Outcome:
     """Incident 3: a VIP comes and goes on the router's outside interface, then the address
     MASQUERADE used is removed and re-added: the idle connection's entry is flushed, the
     client's next segment is SNATed to a new port and the server's listener answers RST."""
-    t_start = time.monotonic()
-    rf = _masquerade(lab, random_fully)
-    ts: dict = {}
-    with Sniffers(lab, port=SERVER_PORT) as sn:
-        client, server, inside, outside = idle_connection(lab)
+    def flush(inside: dict, ts: dict) -> dict:
         # keepalived: the VIP arrives on n2, then leaves (on 6.18 this alone flushes nothing)
         ts["vip_added"] = time.time()
         lab.add_address(lab.nat, "n2", vip, 32)
@@ -497,13 +503,9 @@ def vip_move(lab: NatLab, random_fully=True, vip: str = VIP_MOVE_VIP) -> Outcome
         time.sleep(0.5)  # the masquerade cleanup runs from a work queue
         vip_flushed = find_entry(lab, CLI_ADDR, inside["sport"]) is None
         ts.update(_readdress(lab))
-        facts = _client_speaks_first(lab, sn, client, server, inside, outside, ts)
-    return Outcome("vip-move", {
-        "random_fully": rf, **facts,
-        "vip": f"{vip}/32", "vip_removal_flushed": vip_flushed,
-        "address_removed": f"{NAT_OUT_ADDR}/{NAT_OUT_PREFIX}", "device": "n2",
-        "duration": time.monotonic() - t_start,
-    })
+        return {"vip": f"{vip}/32", "vip_removal_flushed": vip_flushed,
+                "address_removed": f"{NAT_OUT_ADDR}/{NAT_OUT_PREFIX}"}
+    return _flush_then_client_sends(lab, "vip-move", random_fully, flush)
 
 
 def device_down(lab: NatLab, random_fully=True) -> Outcome:
@@ -511,21 +513,14 @@ def device_down(lab: NatLab, random_fully=True) -> Outcome:
     manager reconfiguring it): the masquerade device notifier flushes every entry NATed out
     of it, addresses untouched; as in vip-move, the client's next segment gets a new port
     and the server's listener answers RST."""
-    t_start = time.monotonic()
-    rf = _masquerade(lab, random_fully)
-    ts: dict = {}
-    with Sniffers(lab, port=SERVER_PORT) as sn:
-        client, server, inside, outside = idle_connection(lab)
+    def flush(inside: dict, ts: dict) -> dict:
         ts["down"] = time.time()
         lab.set_link(lab.nat, "n2", up=False)
         ts["down_done"] = time.time()
         lab.set_link(lab.nat, "n2", up=True)
         ts["up"] = time.time()
-        facts = _client_speaks_first(lab, sn, client, server, inside, outside, ts)
-    return Outcome("device-down", {
-        "random_fully": rf, **facts, "device": "n2",
-        "duration": time.monotonic() - t_start,
-    })
+        return {}
+    return _flush_then_client_sends(lab, "device-down", random_fully, flush)
 
 
 # -- incident 4 -------------------------------------------------------------------------
