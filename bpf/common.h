@@ -11,6 +11,7 @@
 #define KIND_CT_INVALID 5      // conntrack logged a TCP segment INVALID (or IGNORED), with why
 #define KIND_NAT_BINDING 6     // SNAT chose a tuple for a new TCP connection
 #define KIND_CT_DELETE 7       // nf_ct_delete of a NATed TCP entry, with the reason (ct_destroy)
+#define KIND_NETNS_BORN 8      // a task in a network namespace not seen before (both backends)
 
 // wire/ABI constants, stable across kernels
 #define PROTO_TCP 6
@@ -86,24 +87,37 @@ static __always_inline u32 rd32(u64 p) { u32 v = 0; bpf_probe_read_kernel(&v, 4,
 static __always_inline u16 rd16(u64 p) { u16 v = 0; bpf_probe_read_kernel(&v, 2, (void *)p); return v; }
 static __always_inline u8 rd8(u64 p) { u8 v = 0; bpf_probe_read_kernel(&v, 1, (void *)p); return v; }
 
-// Events are built on the stack (zeroed by the compiler) and copied into the ring buffer.
-static __always_inline void event_init(struct rst_event *e, u32 kind)
+// Events are built in place, in the ring buffer: reserved once the probe knows it will
+// report (a record is too big for the BPF stack next to the headers it copies), then
+// submitted, or discarded on a path that decides otherwise after all.
+static __always_inline struct rst_event *event_reserve(u32 kind, u16 probe)
 {
-    e->kind = kind;
-    e->ts_ns = bpf_ktime_get_ns();
-    e->sk_state = 0xff;
-    e->pid = bpf_get_current_pid_tgid() >> 32;
-    bpf_get_current_comm(e->comm, sizeof(e->comm));
-}
-
-static __always_inline void event_submit(struct rst_event *e)
-{
-    if (events.ringbuf_output(e, sizeof(*e), 0) != 0) {
+    struct rst_event *e = events.ringbuf_reserve(sizeof(struct rst_event));
+    if (!e) {
         u32 zero = 0;
         u64 *lost = lost_events.lookup(&zero);
         if (lost)
             (*lost)++;
+        return 0;
     }
+    __builtin_memset(e, 0, sizeof(*e));
+    e->kind = kind;
+    e->probe_id = probe;
+    e->ts_ns = bpf_ktime_get_ns();
+    e->sk_state = 0xff;
+    e->pid = bpf_get_current_pid_tgid() >> 32;
+    bpf_get_current_comm(e->comm, sizeof(e->comm));
+    return e;
+}
+
+static __always_inline void event_submit(struct rst_event *e)
+{
+    events.ringbuf_submit(e, 0);
+}
+
+static __always_inline void event_discard(struct rst_event *e)
+{
+    events.ringbuf_discard(e, 0);
 }
 
 static __always_inline u32 netns_of_net(u64 net)
@@ -225,6 +239,80 @@ static __always_inline void fill_from_sock(struct rst_event *e, u64 sk, int tupl
     e->dport = rd16(sk + OFF_SOCK_SKC_NUM);
     if (!e->dport)  // a socket being destroyed has released its bound port number
         e->dport = bpf_ntohs(rd16(sk + OFF_INET_SOCK_INET_SPORT));
+}
+
+// -- handlers both backends attach as they are ------------------------------------------
+// tcp_receive_reset(sk): a RST arrived on a local socket.
+static __always_inline int report_receive_reset(u64 sk, u16 probe)
+{
+    struct rst_event *e = event_reserve(KIND_RST_RECEIVED, probe);
+    if (!e)
+        return 0;
+    e->sk = sk;
+    fill_from_sock(e, sk, 1);
+    event_submit(e);
+    return 0;
+}
+
+// kfree_skb(skb, location, reason): a TCP packet dropped for a reason worth attributing
+// (the caller filtered on the reason or, before 5.17, on the call site).
+static __always_inline int report_drop(u64 skb, u64 location, u32 reason, u16 probe)
+{
+    if (!skb_is_tcp(skb))
+        return 0;
+    struct rst_event *e = event_reserve(KIND_SKB_DROPPED, probe);
+    if (!e)
+        return 0;
+    e->reason = reason;
+    e->skb = skb;
+    e->location = location;
+    fill_from_skb(e, skb);
+    event_submit(e);
+    return 0;
+}
+
+// -- network namespaces, from birth --------------------------------------------------------
+// Namespaces user space already watches (seeded by it); any other one a task shows up in is
+// reported once. Conntrack tells a namespace's deletions only to listeners subscribed there
+// before the entry was created: a namespace must be watched as soon as it exists.
+BPF_TABLE("lru_hash", u32, u8, known_netns, 8192);
+#define CLONE_NEWNET 0x40000000
+
+static __always_inline u32 netns_of_task(u64 task)
+{
+    return netns_of_net(rd64(rd64(task + OFF_TASK_NSPROXY) + OFF_NSPROXY_NET_NS));
+}
+
+static __always_inline int report_netns(u64 task)
+{
+    u32 netns = netns_of_task(task);
+    if (!netns || known_netns.lookup(&netns))
+        return 0;
+    u8 one = 1;
+    known_netns.update(&netns, &one);
+    struct rst_event *e = event_reserve(KIND_NETNS_BORN, 0);
+    if (!e)
+        return 0;
+    e->netns = netns;
+    e->pid = rd32(task + OFF_TASK_TGID);   // the task in the namespace, not its parent
+    event_submit(e);
+    return 0;
+}
+
+// task_newtask(task, clone_flags): clone() with CLONE_NEWNET (LXC, `unshare -f`, runtimes)
+RAW_TRACEPOINT_PROBE(task_newtask)
+{
+    if (!(ctx->args[1] & CLONE_NEWNET))
+        return 0;
+    return report_netns(ctx->args[0]);
+}
+
+// sched_process_exec(p, old_pid, bprm): unshare(CLONE_NEWNET) then exec (`unshare -n cmd`,
+// services with PrivateNetwork=). Namespaces that only get a bind mount (`ip netns add`,
+// container runtimes) are found by user space from the mount table.
+RAW_TRACEPOINT_PROBE(sched_process_exec)
+{
+    return report_netns(ctx->args[0]);
 }
 
 #endif

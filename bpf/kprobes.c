@@ -58,22 +58,6 @@
 #define CFG_DELETE_AFTER_DYING 1       // 1: the probed body of nf_ct_delete runs after it set IPS_DYING
 BPF_ARRAY(config, u32, 4);
 
-// Events are built in a per-CPU scratch slot (the record is too big for the BPF stack
-// next to the header copies): slot 0 for kprobes, slot 1 for tracepoints, which may run
-// in a softirq on top of a kprobe's task on the same CPU.
-BPF_PERCPU_ARRAY(scratch, struct rst_event, 2);
-
-static __always_inline struct rst_event *new_event(u32 slot, u32 kind, u16 probe)
-{
-    struct rst_event *e = scratch.lookup(&slot);
-    if (!e)
-        return 0;
-    __builtin_memset(e, 0, sizeof(*e));
-    event_init(e, kind);
-    e->probe_id = probe;
-    return e;
-}
-
 static __always_inline u64 ct_tuple(u64 ct, u32 dir)
 {
     return ct + OFF_NF_CONN_TUPLEHASH + dir * SIZEOF_TUPLE_HASH + OFF_TUPLE_HASH_TUPLE;
@@ -113,7 +97,7 @@ static __always_inline void fill_from_ct(struct rst_event *e, u64 ct)
 static __always_inline int send_reset(struct pt_regs *ctx, u16 probe)
 {
     u64 sk = PT_REGS_PARM1(ctx), skb = PT_REGS_PARM2(ctx);
-    struct rst_event *e = new_event(0, KIND_RST_SENT, probe);
+    struct rst_event *e = event_reserve(KIND_RST_SENT, probe);
     if (!e)
         return 0;
     e->reason = RESET_REASON(ctx, SEND_RESET_REASON_ARG);
@@ -121,8 +105,10 @@ static __always_inline int send_reset(struct pt_regs *ctx, u16 probe)
     e->skb = skb;
     if (skb) {
         fill_from_skb(e, skb);
-        if (e->tcp_flags & TCP_FLAG_RST)
+        if (e->tcp_flags & TCP_FLAG_RST) {
+            event_discard(e);
             return 0;
+        }
     }
     if (sk)
         fill_from_sock(e, sk, !skb);
@@ -137,8 +123,10 @@ int kp_tcp_v6_send_reset(struct pt_regs *ctx) { return send_reset(ctx, PROBE_TCP
 int kp_tcp_send_active_reset(struct pt_regs *ctx)
 {
     u64 sk = PT_REGS_PARM1(ctx);
-    struct rst_event *e = new_event(0, KIND_RST_SENT, PROBE_TCP_SEND_ACTIVE_RESET);
-    if (!e || !sk)
+    if (!sk)
+        return 0;
+    struct rst_event *e = event_reserve(KIND_RST_SENT, PROBE_TCP_SEND_ACTIVE_RESET);
+    if (!e)
         return 0;
     e->reason = RESET_REASON(ctx, ACTIVE_RESET_REASON_ARG);
     e->sk = sk;
@@ -150,27 +138,13 @@ int kp_tcp_send_active_reset(struct pt_regs *ctx)
 // -- resets received --------------------------------------------------------------------
 int tp_tcp_receive_reset(struct bpf_raw_tracepoint_args *ctx)
 {
-    u64 sk = ctx->args[0];
-    struct rst_event *e = new_event(1, KIND_RST_RECEIVED, PROBE_TCP_RECEIVE_RESET);
-    if (!e)
-        return 0;
-    e->sk = sk;
-    fill_from_sock(e, sk, 1);
-    event_submit(e);
-    return 0;
+    return report_receive_reset(ctx->args[0], PROBE_TCP_RECEIVE_RESET);
 }
 
 // fallback where the tracepoint is missing: tcp_reset(sk[, skb])
 int kp_tcp_reset(struct pt_regs *ctx)
 {
-    u64 sk = PT_REGS_PARM1(ctx);
-    struct rst_event *e = new_event(0, KIND_RST_RECEIVED, PROBE_TCP_RESET);
-    if (!e)
-        return 0;
-    e->sk = sk;
-    fill_from_sock(e, sk, 1);
-    event_submit(e);
-    return 0;
+    return report_receive_reset(PT_REGS_PARM1(ctx), PROBE_TCP_RESET);
 }
 
 // -- drops ------------------------------------------------------------------------------
@@ -201,17 +175,7 @@ int tp_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     probe = PROBE_KFREE_SKB_NF_HOOK;
 #endif
-    if (!skb_is_tcp(skb))
-        return 0;
-    struct rst_event *e = new_event(1, KIND_SKB_DROPPED, probe);
-    if (!e)
-        return 0;
-    e->reason = reason;
-    e->skb = skb;
-    e->location = ctx->args[1];
-    fill_from_skb(e, skb);
-    event_submit(e);
-    return 0;
+    return report_drop(skb, ctx->args[1], reason, probe);
 }
 
 // -- conntrack INVALID, with the kernel's reason -----------------------------------------
@@ -249,7 +213,7 @@ int kp_log_invalid(struct pt_regs *ctx)
     u64 fmt = fmt3 ? p3 : p4, a1 = fmt3 ? p4 : p5, a2 = fmt3 ? p5 : p6;
     if (!ct_is_tcp(ct))
         return 0;
-    struct rst_event *e = new_event(0, KIND_CT_INVALID, PROBE_LOG_INVALID);
+    struct rst_event *e = event_reserve(KIND_CT_INVALID, PROBE_LOG_INVALID);
     if (!e)
         return 0;
     e->skb = skb;
@@ -318,7 +282,7 @@ int kp_conntrack_confirm(struct pt_regs *ctx)
     u32 nat_flags = *flags;
     if (!(rd32(ct + OFF_NF_CONN_STATUS) & IPS_SRC_NAT))
         return 0;
-    struct rst_event *e = new_event(0, KIND_NAT_BINDING, PROBE_NAT_CONFIRM);
+    struct rst_event *e = event_reserve(KIND_NAT_BINDING, PROBE_NAT_CONFIRM);
     if (!e)
         return 0;
     fill_from_ct(e, ct);
@@ -339,7 +303,7 @@ int kp_resolve_clash(struct pt_regs *ctx)
         return 0;
     u8 dir = rd8(h + OFF_TUPLE_HASH_TUPLE + OFF_TUPLE_DST_DIR);
     u64 winner = h - OFF_NF_CONN_TUPLEHASH - (dir ? SIZEOF_TUPLE_HASH : 0);
-    struct rst_event *e = new_event(0, KIND_NAT_BINDING, PROBE_CLASH_WINNER);
+    struct rst_event *e = event_reserve(KIND_NAT_BINDING, PROBE_CLASH_WINNER);
     if (!e)
         return 0;
     fill_from_ct(e, winner);
@@ -392,7 +356,7 @@ static __always_inline int masq_trigger(struct pt_regs *ctx, u64 dev, u8 family,
     struct masq_key key = {.netns = netns, .family = family};
     masq_detail.update(&key, &d);
 
-    struct rst_event *e = new_event(0, KIND_MASQ_NOTIFIER, probe);
+    struct rst_event *e = event_reserve(KIND_MASQ_NOTIFIER, probe);
     if (!e)
         return 0;
     e->netns = netns;
@@ -514,7 +478,7 @@ int kp_ct_delete(struct pt_regs *ctx)
         return 0;   // someone else is deleting it already
     if (!ct_is_tcp(ct))
         return 0;
-    struct rst_event *e = new_event(0, KIND_CT_DELETE, PROBE_CT_DELETE);
+    struct rst_event *e = event_reserve(KIND_CT_DELETE, PROBE_CT_DELETE);
     if (!e)
         return 0;
     fill_from_ct(e, ct);

@@ -18,8 +18,9 @@ RAW_TRACEPOINT_PROBE(tcp_send_reset)
 {
     // (const struct sock *sk, const struct sk_buff *skb[, enum sk_rst_reason reason])
     u64 sk = ctx->args[0], skb = ctx->args[1];
-    struct rst_event ev = {}, *e = &ev;
-    event_init(e, KIND_RST_SENT);
+    struct rst_event *e = event_reserve(KIND_RST_SENT, 0);
+    if (!e)
+        return 0;
 #if TCP_SEND_RESET_ARITY >= 3
     e->reason = ctx->args[2];
 #endif
@@ -37,13 +38,7 @@ RAW_TRACEPOINT_PROBE(tcp_send_reset)
 RAW_TRACEPOINT_PROBE(tcp_receive_reset)
 {
     // (struct sock *sk)
-    u64 sk = ctx->args[0];
-    struct rst_event ev = {}, *e = &ev;
-    event_init(e, KIND_RST_RECEIVED);
-    e->sk = sk;
-    fill_from_sock(e, sk, 1);
-    event_submit(e);
-    return 0;
+    return report_receive_reset(ctx->args[0], 0);
 }
 
 RAW_TRACEPOINT_PROBE(kfree_skb)
@@ -54,17 +49,7 @@ RAW_TRACEPOINT_PROBE(kfree_skb)
     u8 *wanted = wanted_drop_reasons.lookup(&idx);
     if (!wanted || !*wanted)
         return 0;
-    u64 skb = ctx->args[0];
-    if (!skb_is_tcp(skb))
-        return 0;
-    struct rst_event ev = {}, *e = &ev;
-    event_init(e, KIND_SKB_DROPPED);
-    e->reason = reason;
-    e->skb = skb;
-    e->location = ctx->args[1];
-    fill_from_skb(e, skb);
-    event_submit(e);
-    return 0;
+    return report_drop(ctx->args[0], ctx->args[1], reason, 0);
 }
 
 // Addresses of the masquerade notifiers (masq_inet_event, masq_inet6_event,
@@ -86,12 +71,12 @@ RAW_TRACEPOINT_PROBE(notifier_run)
     }
     if (!hit)
         return 0;
-    struct rst_event ev = {}, *e = &ev;
-    event_init(e, KIND_MASQ_NOTIFIER);
+    struct rst_event *e = event_reserve(KIND_MASQ_NOTIFIER, 0);
+    if (!e)
+        return 0;
     e->notifier_cb = cb;
     // address and device notifiers run in the context of the task that changed the address
-    u64 task = bpf_get_current_task();
-    e->netns = netns_of_net(rd64(rd64(task + OFF_TASK_NSPROXY) + OFF_NSPROXY_NET_NS));
+    e->netns = netns_of_task(bpf_get_current_task());
     event_submit(e);
     return 0;
 }

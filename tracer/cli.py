@@ -162,8 +162,8 @@ def watch(as_json, verbose, outputs, metrics, netns, ports, hosts, backend, reco
                               f"{e.strerror or e}") from None
             sinks.append(metrics_sink)
         try:
-            w = Watch(probe_backend, btf, sinks,
-                      VerdictFilter(netns=set(netns), ports=set(ports), hosts=set(hosts)), record_path)
+            w = Watch.live(probe_backend, btf, sinks,
+                           VerdictFilter(netns=set(netns), ports=set(ports), hosts=set(hosts)), record_path)
         except OSError as e:
             raise Failure(f"cannot write recording {record_path}: {e.strerror}") from None
         try:

@@ -5,22 +5,24 @@ No BCC here: the backend hands over bytes, and the kernel's own numbering of rea
 """
 from __future__ import annotations
 
-import bisect
 import re
 import socket
 import struct
-import time
 from dataclasses import dataclass, field
+from typing import Optional
 
-from .events import (CT_DESTROY, CT_INVALID, MASQ_NOTIFIER, NAT_BINDING, RST_RECEIVED, RST_SENT,
-                     SKB_DROPPED, ConntrackEntry, Endpoint, KernelEvent, Tuple)
+from .clock import Clock
+from .conntrack import tcp_state_name
+from .events import (CT_DESTROY, CT_INVALID, MASQ_NOTIFIER, NAT_BINDING, NETNS_BORN, RST_RECEIVED,
+                     RST_SENT, SKB_DROPPED, ConntrackEntry, Endpoint, KernelEvent, Tuple)
+from .kallsyms import KALLSYMS, MODULES, Kallsyms
 
 # mirrors struct rst_event; keep in step with bpf/common.h
 RAW_EVENT = struct.Struct("<QQQQIIIIIIIIHHHHBBBBBB2x16s16s16sQ16s16s16s16sHHHH"
                           # appended for the kprobe backend (zero from the tracepoint one)
                           "HBBIIIBBBBHH2Q8I16s16s16s80s")
 KINDS = {1: RST_SENT, 2: RST_RECEIVED, 3: SKB_DROPPED, 4: MASQ_NOTIFIER,
-         5: CT_INVALID, 6: NAT_BINDING, 7: CT_DESTROY}
+         5: CT_INVALID, 6: NAT_BINDING, 7: CT_DESTROY, 8: NETNS_BORN}
 PROBES = {RST_SENT: "tcp:tcp_send_reset", RST_RECEIVED: "tcp:tcp_receive_reset",
           SKB_DROPPED: "skb:kfree_skb", MASQ_NOTIFIER: "notifier:notifier_run"}
 # struct rst_event.probe_id (bpf/kprobes.c PROBE_*): which probe of the kprobe backend
@@ -36,9 +38,6 @@ PROBE_KFREE_SKB_NF_HOOK = 7
 MASQ_NOTIFIER_PROBES = {12: "masq_inet_event", 13: "masq_inet6_event", 14: "masq_device_event"}
 # struct rst_event.delete_reason (bpf/kprobes.c DEL_*)
 DELETE_REASONS = {1: "ctnetlink", 2: "timeout", 3: "masquerade", 4: "device", 5: "early_drop", 6: "other"}
-# enum tcp_conntrack (include/uapi/linux/netfilter/nf_conntrack_tcp.h)
-CT_TCP_STATES = ("NONE", "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
-                 "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2")
 _CONVERSION = re.compile(r"%[-+ #0]*\d*(?:\.\d+)?(?:hh|h|ll|l|z)?([a-zA-Z%])")
 # include/net/tcp_states.h: stable since 2.6
 TCP_STATES = ("", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT",
@@ -54,63 +53,32 @@ def _names(enum: dict, prefix: str) -> dict:
     return {v: k[len(prefix):] if k.startswith(prefix) else k for k, v in enum.items()}
 
 
-class Kallsyms:
-    """Address -> symbol (kfree_skb call sites) and symbol -> address (notifiers)."""
-
-    _current = None   # (the /proc/modules it was read with, the instance)
-
-    @classmethod
-    def current(cls) -> "Kallsyms":
-        """Read again only when the set of loaded modules changed (~0.25 s a read)."""
-        try:
-            with open("/proc/modules") as f:
-                modules = f.read()
-        except OSError:
-            modules = None
-        if cls._current is None or cls._current[0] != modules:
-            cls._current = (modules, cls())
-        return cls._current[1]
-
-    def __init__(self, path: str = "/proc/kallsyms"):
-        pairs = []
-        try:
-            with open(path) as f:
-                for line in f:
-                    parts = line.split()
-                    if len(parts) >= 3 and parts[1] in "tTwW":
-                        pairs.append((int(parts[0], 16), parts[2]))
-        except OSError:
-            pass
-        pairs.sort()
-        self._addrs = [a for a, _ in pairs]
-        self._names = [n for _, n in pairs]
-
-    def resolve(self, addr: int) -> str:
-        i = bisect.bisect_right(self._addrs, addr) - 1
-        if i < 0 or not addr or not self._addrs[i]:
-            return hex(addr) if addr else ""
-        return self._names[i]
-
-    def address(self, name: str) -> int:
-        if not hasattr(self, "_by_name"):
-            self._by_name = dict(zip(self._names, self._addrs))
-        return self._by_name.get(name, 0)
-
-
 @dataclass
 class KernelNames:
-    """Per-kernel numbering needed to decode: from BTF, kallsyms and the clocks."""
+    """Per-kernel numbering needed to decode: reasons from BTF, call sites from kallsyms
+    (followed as modules load: refresh()), and the clock that maps kernel time to wall time."""
     rst_reasons: dict = field(default_factory=dict)    # code -> name
     drop_reasons: dict = field(default_factory=dict)   # code -> name
-    resolve_symbol: object = None                      # callable(addr) -> str
-    mono_to_wall: float = 0.0                          # add to monotonic seconds
+    clock: Clock = field(default_factory=Clock)
+    symbols: Optional[Kallsyms] = None
+    kallsyms_path: str = KALLSYMS
+    modules_path: str = MODULES
 
     @classmethod
-    def from_kernel(cls, btf) -> "KernelNames":
+    def from_kernel(cls, btf, clock: Optional[Clock] = None) -> "KernelNames":
         rst = _names(btf.enum("sk_rst_reason"), "SK_RST_REASON_") if btf.has_enum("sk_rst_reason") else {}
         drop = _names(btf.enum("skb_drop_reason"), "SKB_DROP_REASON_") if btf.has_enum("skb_drop_reason") else {}
-        ksyms = Kallsyms.current()
-        return cls(rst, drop, ksyms.resolve, time.time() - time.monotonic())
+        names = cls(rst, drop, clock or Clock())
+        names.refresh()
+        return names
+
+    def refresh(self) -> None:
+        """Symbols again if modules came or went (a call site in nf_conntrack loaded after
+        start must not be shown as a bare address)."""
+        self.symbols = Kallsyms.current(self.kallsyms_path, self.modules_path)
+
+    def resolve_symbol(self, addr: int) -> str:
+        return self.symbols.resolve(addr) if (self.symbols is not None and addr) else ""
 
 
 def _addr(raw: bytes, family: int) -> str:
@@ -147,7 +115,7 @@ def decode(raw: bytes, names: KernelNames) -> KernelEvent:
             reply=Tuple(Endpoint(_addr(r_saddr, ct_fam), r_sport), Endpoint(_addr(r_daddr, ct_fam), r_dport)),
             status=ct_status)
         if probe_id:   # kprobe backend: conntrack's TCP state and the time left
-            ct.tcp_state = CT_TCP_STATES[ct_tcp_state] if ct_tcp_state < len(CT_TCP_STATES) else str(ct_tcp_state)
+            ct.tcp_state = tcp_state_name(ct_tcp_state)
             ct.timeout = ct_timeout_left
         if kind_name in (NAT_BINDING, CT_DESTROY):
             entry = ct
@@ -178,10 +146,10 @@ def decode(raw: bytes, names: KernelNames) -> KernelEvent:
     notifier = ""
     if kind_name == MASQ_NOTIFIER:
         notifier = MASQ_NOTIFIER_PROBES.get(probe_id) or (
-            names.resolve_symbol(notifier_cb) if (notifier_cb and names.resolve_symbol) else "")
+            names.resolve_symbol(notifier_cb))
     return KernelEvent(
         kind=kind_name,
-        ts=ts_ns / 1e9 + names.mono_to_wall,
+        ts=names.clock.wall(ts_ns),
         ts_ns=ts_ns,
         netns=netns,
         ifindex=ifindex,
@@ -203,7 +171,7 @@ def decode(raw: bytes, names: KernelNames) -> KernelEvent:
         sk_state=TCP_STATES[sk_state] if sk_state < len(TCP_STATES) else "",
         reason=reason_name,
         reason_code=reason,
-        location=names.resolve_symbol(location) if (location and names.resolve_symbol) else "",
+        location=names.resolve_symbol(location),
         probe=PROBE_NAMES.get(probe_id) or PROBES.get(kind_name, ""),
         skb_ct=skb_ct,
         entry=entry,

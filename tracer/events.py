@@ -18,6 +18,8 @@ NAT_BINDING = "nat_binding"              # NAT chose a tuple for a new connectio
 CT_DESTROY = "ct_destroy"                # a conntrack entry went away
 ADDR_REMOVED = "addr_removed"            # an address was removed from an interface
 LINK_DOWN = "link_down"                  # an interface went down
+# not an attribution event: the kernel saw a task in a network namespace new to it
+NETNS_BORN = "netns_born"
 EVENT_KINDS = (RST_SENT, RST_RECEIVED, SKB_DROPPED, MASQ_NOTIFIER, CT_DESTROY, ADDR_REMOVED, LINK_DOWN,
                CT_INVALID, NAT_BINDING)
 TRIGGER_KINDS = (MASQ_NOTIFIER, ADDR_REMOVED, LINK_DOWN)
@@ -115,6 +117,7 @@ class Context:
     nat_elsewhere: list = field(default_factory=list)
     nat_rule: dict = field(default_factory=dict)  # {"random_fully": bool, "rules": [...]}
     sysctls: dict = field(default_factory=dict)    # conntrack sysctls of the namespace
+    requester: dict = field(default_factory=dict)  # ct_destroy over ctnetlink: {pid, comm} of its port
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -139,9 +142,9 @@ _ENTRY_FIELDS = ("skb_ct", "entry")
 
 @dataclass
 class KernelEvent:
-    kind: str                    # rst_sent | rst_received | skb_dropped
-    ts: float                    # wall clock, seconds since the epoch
-    ts_ns: int                   # kernel monotonic clock
+    kind: str                    # rst_sent | rst_received | skb_dropped | ...
+    ts: float                    # wall clock, seconds since the epoch: for display
+    ts_ns: int                   # CLOCK_MONOTONIC (bpf_ktime_get_ns): what events are correlated on
     netns: int                   # network namespace inode
     ifindex: int
     flow: Optional[Tuple]        # sent: peer > us (the segment that drew the RST); received:
@@ -178,11 +181,25 @@ class KernelEvent:
     nat_range_flags: int = 0     # nat_binding: NF_NAT_RANGE_* of the rule (RANDOM=4, RANDOM_FULLY=16)
     delete_reason: str = ""      # ct_destroy: masquerade | device | timeout | ctnetlink | early_drop | ...
     delete_detail: dict = field(default_factory=dict)  # e.g. {"address": ..., "ifname": ...}
+    # netlink monitors: read at ts_ns, queued after not_before_ns (the socket was empty then)
+    not_before_ns: int = 0
+    portid: int = 0              # ct_destroy over netlink: netlink port that asked for it (0: the kernel)
     context: Context = field(default_factory=Context)
+
+    @property
+    def mono(self) -> float:
+        """Seconds on the correlation clock."""
+        return self.ts_ns / 1e9
 
     @property
     def is_syn(self) -> bool:
         return bool(self.tcp_flags & SYN) and not self.tcp_flags & ACK
+
+    @property
+    def is_unknown_segment(self) -> bool:
+        """A stack RST for a non-SYN segment with no connection socket (none, or a listener)."""
+        return (self.kind == RST_SENT and self.has_skb and not self.is_syn and self.flow is not None
+                and (not self.has_sock or self.sk_state == "LISTEN"))
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}

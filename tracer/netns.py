@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Union
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
@@ -12,25 +12,27 @@ SYSCTL_DIR = "/proc/sys/net/netfilter"
 _OWN_NETNS = os.open("/proc/self/ns/net", os.O_RDONLY)
 
 
-def in_netns(path: Optional[str], fn):
-    """Run fn() with this thread inside the namespace at `path` (None: where we are): sockets
-    created there stay bound to it, /proc/sys/net and /proc/thread-self/net show it, and
-    programs started from fn() inherit it. A setns() pair costs ~50 µs, where pyroute2's
-    netns helpers fork a child (~5 ms) — too slow where namespaces churn."""
-    if path is None:
+def in_netns(where: Union[None, str, int], fn):
+    """Run fn() with this thread inside the namespace `where` — a path, a descriptor we hold
+    open, or None for where we are: sockets created there stay bound to it, /proc/sys/net and
+    /proc/thread-self/net show it, and programs started from fn() inherit it. A setns() pair
+    costs ~50 µs, where pyroute2's netns helpers fork a child (~5 ms) — too slow where
+    namespaces churn."""
+    if where is None:
         return fn()
-    fd = os.open(path, os.O_RDONLY)
+    fd = where if isinstance(where, int) else os.open(where, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if _libc.setns(fd, CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
-            raise OSError(err, f"setns({path}): {os.strerror(err)}")
+            raise OSError(err, f"setns({where}): {os.strerror(err)}")
         try:
             return fn()
         finally:
             if _libc.setns(_OWN_NETNS, CLONE_NEWNET) != 0:  # never go on in the wrong namespace
                 raise RuntimeError("cannot return to the tracer's own network namespace")
     finally:
-        os.close(fd)
+        if fd is not where:
+            os.close(fd)
 
 
 def parse_sysctl_value(text: str):

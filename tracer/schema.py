@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 SCHEMA_VERSION = 1
-RECORD_TYPES = ("verdict", "loss", "status")
+RECORD_TYPES = ("verdict", "correction", "loss", "status")
 DIRECTIONS = ("sent", "received", "dropped")
 CONFIDENCES = ("high", "medium", "low")
 
@@ -57,11 +57,15 @@ class Verdict:
     kernel: dict
     related: Optional[dict] = None
     process: Optional[dict] = None
+    # a correction: the record this one replaces, its cause, and the late fact that changed it
+    supersedes: Optional[str] = None
+    superseded_cause: Optional[str] = None
+    correction: Optional[str] = None
 
     def to_dict(self) -> dict:
         # built by hand: dataclasses.asdict deep-copies every value and dominated the cost
         # of a verdict in RST storms; values here are plain data already
-        return {"type": "verdict", "schema_version": SCHEMA_VERSION, "id": self.id,
+        d = {"type": "verdict", "schema_version": SCHEMA_VERSION, "id": self.id,
                 "ts": iso_time(self.ts), "host": self.host, "netns": self.netns,
                 "netns_name": self.netns_name, "interface": self.interface,
                 "direction": self.direction, "flow": self.flow, "packet": self.packet,
@@ -71,10 +75,14 @@ class Verdict:
                 "remedy": {"text": self.remedy.text, "commands": list(self.remedy.commands)},
                 "backend": self.backend, "kernel": self.kernel, "related": self.related,
                 "process": self.process, "ts_unix": self.ts}
+        if self.supersedes:
+            d.update(type="correction", supersedes=self.supersedes, superseded_cause=self.superseded_cause,
+                     correction=self.correction)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "Verdict":
-        if d.get("type") != "verdict":
+        if d.get("type") not in ("verdict", "correction"):
             raise SchemaError(f"not a verdict record: type={d.get('type')!r}")
         if d.get("schema_version") != SCHEMA_VERSION:
             raise SchemaError(f"unsupported schema_version {d.get('schema_version')!r}")

@@ -1,4 +1,17 @@
-"""The live loop: probes -> decode -> context -> attribution -> sinks, one direction."""
+"""The live loop: sources (ring buffer, namespace discovery, netlink monitors) -> enrichment
+-> attribution -> sinks, one direction.
+
+One iteration (`step`):
+1. drain the ring buffer: the probes' events, in kernel order;
+2. follow namespaces: births the kernel reported, mount changes, the occasional walk; a new
+   namespace gets its netlink monitors at once;
+3. read the netlink monitors. The kernel queues a deletion or an address event on our
+   sockets synchronously, when it happens: whatever preceded an event of step 1 is there now;
+4. attribute the netlink facts first, then the ring buffer's events (`order_batch`). A fact
+   read here that happened after a reset of step 1 is harmless: a deletion known to follow a
+   reset cannot explain it (its lower time bound), and anything that arrives later still
+   (the entry a reset's RST killed on its way back) corrects the verdict it improves.
+"""
 from __future__ import annotations
 
 import gc
@@ -10,20 +23,21 @@ import time
 import structlog
 
 from .attribution import Attributor
-from .context import ContextGatherer
-from .decode import DecodeError, KernelNames, decode
-from .events import CT_DESTROY
+from .clock import Clock
+from .decode import KernelNames
+from .enrich import Enricher
+from .events import NETNS_BORN
 from .filters import VerdictFilter
 from .recording import Recorder
 from .schema import loss_record, status_record
+from .sources.namespaces import Namespaces
+from .sources.netlink import NetlinkMonitor
+from .sources.ringbuf import RingBuffer
 from .summary import Summary
 
 log = structlog.get_logger("rst-tracer")
 LOSS_CHECK_INTERVAL = 0.5
-
-
-def _deletion_key(ev):
-    return (ev.netns, ev.entry.orig, ev.entry.reply) if ev.entry is not None else None
+POLL_MS = 50
 
 
 def process_age() -> float:
@@ -35,112 +49,91 @@ def process_age() -> float:
     return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
+def order_batch(ring_events: list, monitored: list) -> list:
+    """The order one iteration's events are attributed in: the netlink facts (deletions,
+    address and link events, all read after the ring buffer was drained), then the probes'
+    events in kernel order. Births are not attribution events."""
+    return monitored + [ev for ev in ring_events if ev.kind != NETNS_BORN]
+
+
 class Watch:
-    def __init__(self, backend, btf, sinks: list, vfilter: VerdictFilter, record_path: str = "",
-                 host: str = ""):
-        self.backend = backend
+    def __init__(self, backend, ring: RingBuffer, namespaces: Namespaces, monitor: NetlinkMonitor,
+                 enricher: Enricher, attributor: Attributor, sinks: list, vfilter: VerdictFilter,
+                 recorder=None, host: str = "", refresh=()):
+        self.backend, self.ring, self.namespaces, self.monitor = backend, ring, namespaces, monitor
+        self.enricher, self.attributor = enricher, attributor
+        self.sinks, self.filter, self.recorder = sinks, vfilter, recorder
         self.host = host or socket.gethostname()
-        self.names = KernelNames.from_kernel(btf)
-        self.gatherer = ContextGatherer()
-        self.attributor = Attributor(backend.name, self.host)
-        self.sinks, self.filter = sinks, vfilter
-        # the recording carries the verdict id prefix so replay reproduces the ids too
-        self.recorder = Recorder(record_path, backend.name, self.attributor.id_prefix) \
-            if record_path else None
+        self._refresh = refresh           # periodic: modules loaded since start
         self.stopping = False
         self.verdicts = 0
-        self.decode_errors = 0
+        self.corrections = 0
         self.context_errors = 0
         self.summary = Summary()
-        self._lost_reported = 0
-        self._decode_reported = 0
-        self._sink_drops_reported: dict = {}
-        self._overruns_reported = 0
-        self._pending: list = []
+        self._reported: dict = {}         # loss source -> total reported
 
-    def emit(self, record: dict) -> None:
-        self.summary.add(record)
-        for sink in self.sinks:
-            sink.emit(record)
+    @classmethod
+    def live(cls, backend, btf, sinks: list, vfilter: VerdictFilter, record_path: str = "",
+             host: str = "") -> "Watch":
+        host = host or socket.gethostname()
+        clock = Clock()
+        names = KernelNames.from_kernel(btf, clock)
+        namespaces = Namespaces()
+        attributor = Attributor(backend.name, host)
+        # the recording carries the verdict id prefix so replay reproduces the ids too
+        recorder = Recorder(record_path, backend.name, attributor.id_prefix) if record_path else None
+        return cls(backend, RingBuffer(backend, names), namespaces, NetlinkMonitor(clock),
+                   Enricher(namespaces), attributor, sinks, vfilter, recorder, host,
+                   refresh=(backend.refresh, names.refresh))
 
-    def on_raw(self, raw: bytes) -> None:
-        try:
-            ev = decode(raw, self.names)
-        except DecodeError as e:
-            self.decode_errors += 1
-            log.warning("undecodable kernel event", error=str(e))
-            return
-        self._pending.append(ev)
-
-    def process_batch(self) -> None:
-        """Monitor events (deletions, address changes) before the kernel events of the same
-        batch: a deletion always precedes the reset it explains, but its netlink message
-        may arrive while the reset is already queued in the ring buffer.
-        A netlink DESTROY whose entry the kprobe backend reported deleting in this batch
-        (with the kernel's reason) is preceded by that record, taken out of its place: the
-        attribution keeps the reason of a deletion reported first by the kernel."""
-        monitored = self.gatherer.tick()
-        if monitored:
-            self.backend.poll(0)   # records emitted while the monitors were being read
-        pending, self._pending = self._pending, []
-        probed = {_deletion_key(ev): i for i, ev in enumerate(pending) if ev.kind == CT_DESTROY}
-        done = set()
-        for ev in monitored:
-            i = probed.get(_deletion_key(ev)) if ev.kind == CT_DESTROY else None
-            if i is not None and i not in done:
-                done.add(i)
-                self._enrich_and_attribute(pending[i])
+    # -- one iteration -----------------------------------------------------------------
+    def step(self, timeout_ms: int = POLL_MS) -> None:
+        ring_events = self.ring.drain(timeout_ms)
+        for ev in ring_events:
+            if ev.kind == NETNS_BORN:
+                self.namespaces.born(ev.netns, ev.pid)
+        self.namespaces.poll()
+        self.follow_namespaces()
+        for ev in order_batch(ring_events, self.monitor.read()):
+            self._enrich(ev)
             self.attribute(ev)
-        for i, ev in enumerate(pending):
-            if i not in done:
-                self._enrich_and_attribute(ev)
         for sink in self.sinks:
             sink.flush()
 
-    def _enrich_and_attribute(self, ev) -> None:
+    def follow_namespaces(self) -> None:
+        added, removed = self.namespaces.take()
+        for inode in removed:
+            self.monitor.remove(inode)
+            self.enricher.handles.forget(inode)
+        for inode in added:
+            self.monitor.add(inode, self.namespaces.fd(inode))
+        if added:
+            self.backend.mark_netns_known(added)
+
+    def _enrich(self, ev) -> None:
         try:
-            self.gatherer.enrich(ev)
+            self.enricher.enrich(ev)
         except Exception as e:  # noqa: BLE001 — context is best effort, the event is not
             self.context_errors += 1
             log.warning("context gathering failed; attributing without it", error=repr(e))
-        self.attribute(ev)
 
     def attribute(self, ev) -> None:
         if self.recorder is not None:
             self.recorder.write(ev)
-        verdict = self.attributor.feed(ev)
-        if verdict is None:   # context events (deletions, address changes) only inform
-            return
-        record = verdict.to_dict()
-        self.verdicts += 1
-        if self.filter.matches(record):
-            self.emit(record)
+        for verdict in self.attributor.feed(ev):
+            record = verdict.to_dict()
+            if verdict.supersedes:
+                self.corrections += 1
+            else:
+                self.verdicts += 1
+            if self.filter.matches(record):
+                self.emit(record)
 
-    def report_losses(self) -> None:
-        now = time.time()
-        lost = self.backend.lost()
-        if lost > self._lost_reported:
-            self.emit(loss_record(now, self.host, "kernel_ringbuf", lost - self._lost_reported, lost))
-            self._lost_reported = lost
-        overruns = self.gatherer.monitor.overruns
-        if overruns > self._overruns_reported:
-            # the kernel does not say how many netlink messages it dropped: count overruns
-            self.emit(loss_record(now, self.host, "netlink_monitor", overruns - self._overruns_reported,
-                                  overruns))
-            self._overruns_reported = overruns
-        if self.decode_errors > self._decode_reported:
-            self.emit(loss_record(now, self.host, "decode", self.decode_errors - self._decode_reported,
-                                  self.decode_errors))
-            self._decode_reported = self.decode_errors
-        for sink in self.sinks:   # outputs that dropped records (queue full: destination down or slow)
-            stats = sink.stats() if hasattr(sink, "stats") else None
-            if not stats:
-                continue
-            reported = self._sink_drops_reported.get(stats["name"], 0)
-            if stats["dropped"] > reported:
-                self._sink_drops_reported[stats["name"]] = stats["dropped"]
-                self.emit_offered(loss_record(now, self.host, f"sink:{stats['name']}",
-                                              stats["dropped"] - reported, stats["dropped"]))
+    # -- output ------------------------------------------------------------------------
+    def emit(self, record: dict) -> None:
+        self.summary.add(record)
+        for sink in self.sinks:
+            sink.emit(record)
 
     def emit_offered(self, record: dict) -> None:
         """Like emit, but an output with no room refuses the record without counting a
@@ -153,16 +146,47 @@ class Watch:
             else:
                 sink.emit(record)
 
+    def report_losses(self) -> None:
+        now = time.time()
+        # the kernel does not say how many netlink messages it dropped: overruns are counted
+        totals = {"kernel_ringbuf": self.ring.lost(), "netlink_monitor": self.monitor.overruns,
+                  "netlink_monitor_failed": self.monitor.failed, "decode": self.ring.decode_errors}
+        for source, total in totals.items():
+            if total > self._reported.get(source, 0):
+                self.emit(loss_record(now, self.host, source, total - self._reported.get(source, 0), total))
+                self._reported[source] = total
+        for sink in self.sinks:   # outputs that dropped records (queue full: destination down or slow)
+            stats = sink.stats() if hasattr(sink, "stats") else None
+            if not stats:
+                continue
+            source = f"sink:{stats['name']}"
+            reported = self._reported.get(source, 0)
+            if stats["dropped"] > reported:
+                self._reported[source] = stats["dropped"]
+                self.emit_offered(loss_record(now, self.host, source, stats["dropped"] - reported,
+                                              stats["dropped"]))
+
+    # -- life cycle ----------------------------------------------------------------------
     def stop(self, *_):
         self.stopping = True
+
+    def start(self) -> None:
+        """Attach, then find every namespace that exists and subscribe in each before the
+        first event is read."""
+        self.backend.attach()
+        self.ring.open()
+        existing = self.namespaces.start()
+        self.namespaces.take()
+        for inode in existing:
+            self.monitor.add(inode, self.namespaces.fd(inode))
+        self.backend.mark_netns_known(existing)
+        self.enricher.handles.baseline(existing)
 
     def run(self, duration: float = 0.0) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self.stop)
-        self.backend.attach()
         try:
-            self.backend.open(self.on_raw)
-            self.gatherer.start()
+            self.start()
             # start-up leaves ~10^6 long-lived objects (BTF, BCC): keep the collector from
             # rescanning them in the middle of the event loop (a ~100 ms pause)
             gc.collect()
@@ -170,29 +194,31 @@ class Watch:
             self.emit(status_record(time.time(), self.host, "attached", backend=self.backend.name,
                                     probes=self.backend.probes(),
                                     attach_s=round(self.backend.attach_seconds, 3),
-                                    since_process_start_s=round(process_age(), 3)))
+                                    since_process_start_s=round(process_age(), 3),
+                                    namespaces=len(self.monitor.watched())))
             for sink in self.sinks:
                 sink.flush()
             deadline = time.monotonic() + duration if duration else None
             next_loss_check = 0.0
             while not self.stopping and (deadline is None or time.monotonic() < deadline):
-                self.backend.poll(50)
-                self.process_batch()
+                self.step(POLL_MS)
                 if time.monotonic() >= next_loss_check:
                     self.report_losses()
-                    self.backend.refresh()
+                    for refresh in self._refresh:
+                        refresh()
                     next_loss_check = time.monotonic() + LOSS_CHECK_INTERVAL
-            self.backend.poll(0)  # drain what is already queued
-            self.process_batch()
+            self.step(0)  # what is already queued
             self.report_losses()
         finally:
             self.backend.detach()
-            self.gatherer.close()
+            self.monitor.close()
+            self.enricher.close()
+            self.namespaces.close()
             if self.recorder is not None:
                 self.recorder.close()
         self.emit(status_record(time.time(), self.host, "detached", verdicts=self.verdicts,
-                                lost_total=self._lost_reported, context_errors=self.context_errors,
-                                summary=self.summary.to_dict()))
+                                corrections=self.corrections, lost_total=self._reported.get("kernel_ringbuf", 0),
+                                context_errors=self.context_errors, summary=self.summary.to_dict()))
         for sink in self.sinks:
             sink.close()
         return 0

@@ -19,13 +19,31 @@ CONNTRACK_CAUSES = {"conntrack_invalid_unnat", "snat_port_clash", "conntrack_flu
                     "conntrack_expired", "conntrack_table_full"}
 
 
+def effective_verdicts(records, lab_inodes) -> tuple:
+    """(the verdict of each event as it stands after any corrections, the corrections): a
+    correction takes the place of the record it supersedes (schema v1, README)."""
+    verdicts, corrections, where = [], [], {}
+    for r in records:
+        if r.get("netns") not in lab_inodes:
+            continue
+        if r.get("type") == "verdict":
+            where[r["id"]] = len(verdicts)
+            verdicts.append(r)
+        elif r.get("type") == "correction":
+            corrections.append(r)
+            i = where.pop(r["supersedes"])
+            where[r["id"]] = i
+            verdicts[i] = r
+    return verdicts, corrections
+
+
 class Run:
     def __init__(self, outcome, records, packets, lab_inodes, names):
         self.outcome = outcome
         self.facts = outcome.facts
         self.names = names                  # {"cli": netns name, "nat": ..., "srv": ...}
         self.records = records
-        self.verdicts = [r for r in records if r.get("type") == "verdict" and r["netns"] in lab_inodes]
+        self.verdicts, self.corrections = effective_verdicts(records, lab_inodes)
         self.packets = packets
 
     def causes(self, cause):
@@ -182,6 +200,24 @@ def test_device_down_blames_the_link_and_shows_the_new_port():
         assert ev["flush_trigger"]["kind"] == "link_down" and ev["flush_trigger"]["ifname"] == "n2"
         assert ev["masquerade_notifier"]["notifier"] == "masq_device_event"
         assert abs(ev["deleted_entry"]["deleted_ts"] - run.facts["timestamps"]["down"]) < 1.0
+
+
+@pytest.mark.parametrize("how", ["flush", "delete"])
+def test_ctnetlink_deletion_names_who_asked_for_it(how):
+    """`conntrack -F` / `conntrack -D` in the router: the deletion is its own trigger, with the
+    process that asked where the kernel tells (the netlink port of the request; the process
+    itself has exited by the time the deletion is read)."""
+    with traced("ct-flush", how=how) as run:
+        ev = _renated_flush(run)
+        trigger = ev["flush_trigger"]
+        assert trigger["kind"] == "ctnetlink_delete" and trigger["netns"] == run.facts["netns"]["nat"]
+        requester = trigger["requester"]
+        assert requester["portid"]
+        if how == "flush":   # its first netlink socket: the port is the pid
+            assert requester["portid"] == run.facts["deleter_pid"]
+        assert "masquerade_notifier" not in ev
+        v = next(v for v in run.causes("conntrack_flushed") if v["netns"] == run.facts["netns"]["srv"])
+        assert "ctnetlink" in v["summary"] and any("conntrack -E" in c for c in v["remedy"]["commands"])
 
 
 @pytest.mark.parametrize("probe", ["keepalive", "data"])

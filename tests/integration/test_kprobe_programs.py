@@ -17,7 +17,7 @@ def test_every_kprobe_program_passes_the_verifier():
     from bcc import BPF
     caps = capabilities.detect()
     backend = KprobeBackend(caps, BTF.vmlinux())
-    bpf = compile_program(backend.source, backend._defines(), caps)
+    bpf = compile_program(backend.source, backend.defines(), caps)
     programs = re.findall(r"^int ((?:kp|kr|tp)_\w+)\(", expand_local_includes(backend.source), re.M)
     assert {"kp_ct_delete", "kp_masq_device_event", "kp_conntrack_confirm", "kp_tcp_v4_send_reset"} <= set(programs)
     for name in programs:

@@ -57,7 +57,7 @@ def test_anything_unknown_is_unexplained_with_raw_facts():
     ev = KernelEvent(kind=RST_SENT, ts=1.0, ts_ns=1, netns=1, ifindex=0,
                      flow=Tuple(Endpoint("192.0.2.1", 1), Endpoint("192.0.2.2", 2)),
                      has_skb=True, has_sock=True, sk_state="SYN_RECV", reason="TCP_INVALID_ACK_SEQUENCE")
-    v = Attributor("tracepoint", "h").feed(ev).to_dict()
+    v = Attributor("tracepoint", "h").feed(ev)[0].to_dict()
     assert v["cause"] == "unexplained" and v["confidence"] == "low"
     raw = v["evidence"][0]["value"]
     assert raw["reason"] == "TCP_INVALID_ACK_SEQUENCE" and raw["flow"]["src"] == "192.0.2.1"
@@ -141,7 +141,8 @@ def test_vip_move_renat_is_found_from_the_binding_when_the_entry_is_already_gone
     """Kprobe backend, ring-buffer order: the new entry is bound (confirm), the server resets,
     and only then the RST kills that entry on its way back through the router; by the time
     user space looks it up over ctnetlink it may be gone. The binding seen before the reset
-    is what links the reset to the flushed entry."""
+    is what links the reset to the flushed entry. Without it (tracepoint backend), the
+    deletion of the new entry, read after the reset, corrects the verdict."""
     import dataclasses
     from tracer.events import CT_DESTROY, NAT_BINDING
     from tracer.recording import read_recording
@@ -151,18 +152,25 @@ def test_vip_move_renat_is_found_from_the_binding_when_the_entry_is_already_gone
     new_entry = next(e for e in events if e.kind == CT_DESTROY and e.entry.reply.dst.port == facts["new_port"])
     # what the kernel order looks like: the new entry's deletion after the reset
     raced = [e for e in events if e is not new_entry]
-    raced.insert(raced.index(reset) + 1, new_entry)
-    binding = dataclasses.replace(new_entry, kind=NAT_BINDING, ts=reset.ts - 0.001)
+    raced.insert(raced.index(reset) + 1, dataclasses.replace(new_entry, ts=reset.ts + 0.001,
+                                                             ts_ns=reset.ts_ns + 1_000_000))
+    binding = dataclasses.replace(new_entry, kind=NAT_BINDING, ts=reset.ts - 0.001, ts_ns=reset.ts_ns - 1_000_000)
 
-    def server_reset_verdict(stream):
+    def records(stream):
         attributor = Attributor("kprobe", "h")
-        verdicts = {id(e): attributor.feed(e) for e in stream}
-        return verdicts[id(reset)].to_dict()
+        return {id(e): [v.to_dict() for v in attributor.feed(e)] for e in stream}
 
-    assert server_reset_verdict(raced)["cause"] == "no_connection"
+    raced_records = records(raced)
+    first = raced_records[id(reset)][0]
+    assert first["cause"] == "no_connection"
+    correction = next(r for rs in raced_records.values() for r in rs if r.get("supersedes") == first["id"])
+    assert correction["type"] == "correction" and correction["cause"] == "conntrack_flushed"
+    assert correction["superseded_cause"] == "no_connection" and "conntrack deletion" in correction["correction"]
+    assert correction["nat"]["outside_after"] == facts["new_outside"]
+
     with_binding = list(raced)
     with_binding.insert(with_binding.index(reset), binding)
-    v = server_reset_verdict(with_binding)
+    v = records(with_binding)[id(reset)][0]
     assert v["cause"] == "conntrack_flushed"
     assert v["netns"] == facts["netns"]["srv"] and v["nat"]["inside"] == facts["inside"]
     assert v["nat"]["outside_after"] == facts["new_outside"]
@@ -217,8 +225,8 @@ def test_keepalive_timeout_without_the_kernels_reason():
     flow = Tuple(Endpoint("192.0.2.2", 80), Endpoint("192.0.2.1", 40000))
     common = dict(kind=RST_SENT, ts=1.0, ts_ns=1, netns=1, ifindex=0, flow=flow, has_sock=True,
                   sk_state="ESTABLISHED")
-    keepalive = Attributor("kprobe", "h").feed(KernelEvent(probes_out=2, **common)).to_dict()
-    abort = Attributor("kprobe", "h").feed(KernelEvent(**common)).to_dict()
+    keepalive = Attributor("kprobe", "h").feed(KernelEvent(probes_out=2, **common))[0].to_dict()
+    abort = Attributor("kprobe", "h").feed(KernelEvent(**common))[0].to_dict()
     assert keepalive["cause"] == "keepalive_timeout" and keepalive["confidence"] == "medium"
     assert abort["cause"] == "app_abort"
 
@@ -227,6 +235,6 @@ def test_a_reason_not_specified_is_no_reason():
     flow = Tuple(Endpoint("192.0.2.2", 80), Endpoint("192.0.2.1", 40000))
     common = dict(kind=RST_SENT, ts=1.0, ts_ns=1, netns=1, ifindex=0, flow=flow, has_sock=True,
                   sk_state="CLOSE", reason="NOT_SPECIFIED")
-    assert Attributor("kprobe", "h").feed(KernelEvent(**common)).to_dict()["cause"] == "app_abort"
-    assert Attributor("kprobe", "h").feed(KernelEvent(probes_out=2, **common)).to_dict()["cause"] == \
+    assert Attributor("kprobe", "h").feed(KernelEvent(**common))[0].to_dict()["cause"] == "app_abort"
+    assert Attributor("kprobe", "h").feed(KernelEvent(probes_out=2, **common))[0].to_dict()["cause"] == \
         "keepalive_timeout"

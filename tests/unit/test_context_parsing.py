@@ -3,7 +3,7 @@ import struct
 
 from pyroute2.netlink.nfnetlink.nfctsocket import nfct_msg
 
-from tracer.context import parse_ct_destroy
+from tracer.conntrack import parse_ct_destroy
 
 IPS_SRC_NAT, IPS_CONFIRMED = 1 << 4, 1 << 3
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tracer.clock import Clock
 from tracer.decode import RAW_EVENT, KernelNames, decode, format_invalid
 from tracer.events import CT_DESTROY, CT_INVALID, NAT_BINDING, SKB_DROPPED
 from tracer.probes.btf import BTF
@@ -38,7 +39,7 @@ def ct_tuples():
                 o_dport=8080, r_saddr=V4("10.200.2.2"), r_daddr=V4("10.200.2.1"), r_sport=8080, r_dport=40000)
 
 
-NAMES = KernelNames(mono_to_wall=0.0)
+NAMES = KernelNames(clock=Clock(offset=0.0))
 
 
 def test_record_size_matches_the_c_struct():

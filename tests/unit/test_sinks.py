@@ -477,29 +477,24 @@ class ListSink:
         pass
 
 
-def make_watch(monkeypatch, sinks):
+def make_watch(sinks):
+    """A Watch with every source idle: only its output side is exercised."""
     import types
 
-    import tracer.watch as watch_mod
-
-    class FakeGatherer:
-        monitor = types.SimpleNamespace(overruns=0)
-
-        def __getattr__(self, name):
-            return lambda *a, **k: []
-
-    monkeypatch.setattr(watch_mod.KernelNames, "from_kernel", classmethod(lambda cls, btf: None))
-    monkeypatch.setattr(watch_mod, "ContextGatherer", FakeGatherer)
-    backend = types.SimpleNamespace(name="tracepoint", lost=lambda: 0)
+    from tracer.attribution import Attributor
     from tracer.filters import VerdictFilter
-    return watch_mod.Watch(backend, None, sinks, VerdictFilter(), host="h")
+    from tracer.watch import Watch
+    ring = types.SimpleNamespace(lost=lambda: 0, decode_errors=0)
+    monitor = types.SimpleNamespace(overruns=0, failed=0)
+    return Watch(None, ring, None, monitor, None, Attributor("tracepoint", "h"), sinks, VerdictFilter(),
+                 host="h")
 
 
-def test_sink_drops_are_reported_in_band_to_the_working_sinks(monkeypatch):
+def test_sink_drops_are_reported_in_band_to_the_working_sinks():
     down_a = TcpSink("127.0.0.1", free_port(), queue_size=3, name="a")
     down_b = TcpSink("127.0.0.1", free_port(), queue_size=3, name="b")
     working, metrics = ListSink(), MetricsSink()
-    w = make_watch(monkeypatch, [down_a, down_b, working, metrics])
+    w = make_watch([down_a, down_b, working, metrics])
     for i in range(10):
         w.emit(verdict(i))
     w.report_losses()

@@ -9,7 +9,7 @@ from typing import Optional
 from ..events import (IPS_CONFIRMED, IPS_SRC_NAT, LINK_DOWN, RST_RECEIVED, RST_SENT, SKB_DROPPED,
                       KernelEvent, ct_status_names, flag_names)
 from ..schema import Evidence, Remedy
-from .state import AttributionState, Deletion
+from .state import AttributionState, Deletion, Trigger
 
 @dataclass
 class Finding:
@@ -49,8 +49,7 @@ def no_reason(ev: KernelEvent) -> bool:
 
 def unknown_segment(ev: KernelEvent) -> bool:
     """A stack RST for a non-SYN segment with no connection socket (none, or a listener)."""
-    return (ev.kind == RST_SENT and ev.has_skb and not ev.is_syn and ev.flow is not None
-            and (not ev.has_sock or ev.sk_state == "LISTEN"))
+    return ev.is_unknown_segment
 
 
 def nat_tuples(entry) -> dict:
@@ -158,12 +157,13 @@ def deletion_for(ev: KernelEvent, state: AttributionState):
     - "renated": a router namespace NATed this segment's flow with a *new* entry whose
       original tuple is that of a deleted one (the client was re-SNATed to a new port).
       The new entry is found alive, or among deletions: conntrack kills a not-yet-assured
-      entry as soon as the server's RST passes back through it."""
+      entry as soon as the server's RST passes back through it.
+    A deletion known to have happened after the reset cannot have caused it."""
     if not unknown_segment(ev):
         return None, "", None
     if not ev.has_sock:
         gone = state.deletion_by_reply(ev.netns, ev.flow)
-        if gone is not None:
+        if gone is not None and gone.preceded(ev.mono):
             return gone, "unnated", None
     successors = [(hit["netns"], hit["entry"]) for hit in ev.context.nat_elsewhere
                   if hit["match"] == "reply_reversed"]
@@ -175,7 +175,7 @@ def deletion_for(ev: KernelEvent, state: AttributionState):
             successors.append((seen.netns, seen.entry))
     for netns, new in successors:
         for old in state.deletions_by_orig(netns, new.orig):
-            if old.entry.reply != new.reply:
+            if old.entry.reply != new.reply and old.preceded(ev.mono):
                 return old, "renated", {"netns": netns, "entry": new}
     return None, "", None
 
@@ -183,7 +183,7 @@ def deletion_for(ev: KernelEvent, state: AttributionState):
 def deletion_evidence(ev: KernelEvent, gone: Deletion, how: str, hit: Optional[dict]) -> list:
     e = gone.entry
     out = [Evidence("deleted_entry", f"conntrack entry inside {e.orig}, NATed {e.reply.reversed()} "
-                    f"was deleted {ev.ts - gone.ts:.3f}s before this reset", dict(e.to_dict(), deleted_ts=gone.ts)),
+                    f"was deleted {ev.mono - gone.ts:.3f}s before this reset", dict(e.to_dict(), deleted_ts=gone.wall)),
            segment_evidence(ev)]
     if gone.reason:   # kprobe backend: the kernel's own reason for the deletion
         out.insert(0, Evidence("delete_reason", f"the kernel deleted the entry: {gone.reason} "
@@ -222,6 +222,13 @@ class ConntrackFlushed(Rule):
         "a network manager reconfiguring it); applications should reconnect on ECONNRESET.",
         ["iptables -t nat -R POSTROUTING <n> -o <if> -j SNAT --to-source <stable address>",
          "ip monitor link   # or: journalctl -k | grep -i 'link is down'"])
+    REMEDY_CTNETLINK = Remedy(
+        "A process deleted the entry over ctnetlink: `conntrack -D/-F` by a person or a script, "
+        "kube-proxy cleaning entries of a service whose endpoints changed, a CNI plugin tearing "
+        "a pod down. Find why it deleted a live connection's entry; applications should "
+        "reconnect on ECONNRESET.",
+        ["conntrack -E -e DESTROY -o extended,id   # watch the deletions as they happen",
+         "ps -o pid,comm,args -p <pid>"])
     REMEDY_UNKNOWN = Remedy(
         "The entry was deleted without an address or device event: look for `conntrack -D/-F` "
         "or an agent (kube-proxy, CNI) deleting entries over ctnetlink.",
@@ -231,7 +238,10 @@ class ConntrackFlushed(Rule):
         gone, how, hit = deletion_for(ev, state)
         if gone is None:
             return None
-        trigger = state.trigger_near(gone.netns, gone.ts, gone)
+        if gone.by_ctnetlink:   # the kernel says who asked: no need to guess from nearby events
+            trigger = Trigger.of_deletion(gone)
+        else:
+            trigger = state.trigger_near(gone.netns, gone.ts, gone)
         if gone.expired and (trigger is None or gone.reason == "timeout"):
             return None   # ConntrackExpired
         evidence = deletion_evidence(ev, gone, how, hit)
@@ -241,10 +251,10 @@ class ConntrackFlushed(Rule):
                 evidence.insert(0, Evidence("masquerade_notifier", f"the masquerade cleanup "
                                             f"{notifier.notifier} ran for it", notifier.to_dict()))
             lead = gone.ts - trigger.ts   # netlink may deliver the address event after the DESTROYs
+            when = "" if gone.by_ctnetlink else \
+                f", {abs(lead):.3f}s {'before' if lead >= 0 else 'after'} the deletion was seen"
             evidence.insert(0, Evidence("flush_trigger", f"{trigger.describe()} in namespace "
-                                        f"{trigger.netns_name or trigger.netns}, {abs(lead):.3f}s "
-                                        f"{'before' if lead >= 0 else 'after'} the deletion was seen",
-                                        trigger.to_dict()))
+                                        f"{trigger.netns_name or trigger.netns}{when}", trigger.to_dict()))
         nat = nat_tuples(gone.entry)
         keys = [gone.entry.orig.endpoints(), gone.entry.reply.endpoints()]
         if hit is not None:
@@ -255,7 +265,8 @@ class ConntrackFlushed(Rule):
             what = f"the masquerade cleanup ({gone.reason} {gone.detail or ''})".strip()
         known = trigger is not None or gone.reason in ("masquerade", "device")
         by_device = trigger.kind == LINK_DOWN if trigger is not None else gone.reason == "device"
-        remedy = self.REMEDY_DEVICE if by_device else self.REMEDY_ADDRESS if known else self.REMEDY_UNKNOWN
+        remedy = self.REMEDY_CTNETLINK if gone.by_ctnetlink else self.REMEDY_DEVICE if by_device \
+            else self.REMEDY_ADDRESS if known else self.REMEDY_UNKNOWN
         return Finding(self.cause,
                        f"conntrack entry of {gone.entry.orig} was flushed by {what}; "
                        f"{'its next packet was re-NATed to a new port' if how == 'renated' else 'the next packet was not de-NATed'}"

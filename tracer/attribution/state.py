@@ -9,6 +9,7 @@ from typing import Optional
 
 from ..events import ADDR_REMOVED, LINK_DOWN, MASQ_NOTIFIER, ConntrackEntry, KernelEvent, Tuple
 
+# Every time here is on the correlation clock (monotonic seconds, KernelEvent.mono).
 # a deletion is blamed on an address/device event this close to it (the masquerade
 # cleanup runs from a work queue since 5.15, so the deletions may trail the event)
 TRIGGER_WINDOW_S = 5.0
@@ -44,17 +45,60 @@ class BoundedMap:
 @dataclass
 class Deletion:
     netns: int
-    ts: float
+    ts: float               # correlation clock (monotonic seconds)
     entry: ConntrackEntry
     sysctls: dict = field(default_factory=dict)
     reason: str = ""        # kprobe backend: why the kernel deleted it
     detail: dict = field(default_factory=dict)
+    wall: float = 0.0       # for display
+    # the earliest it can have happened: exact from a probe; from netlink, when the monitor
+    # was last found empty (0: unknown, as in recordings made before this was kept)
+    not_before: float = 0.0
+    requester: dict = field(default_factory=dict)   # ctnetlink deletions: {pid, comm, portid}
+    netns_name: str = ""
+
+    @property
+    def by_ctnetlink(self) -> bool:
+        """Someone asked for it over ctnetlink: conntrack -D/-F, kube-proxy, a CNI."""
+        return self.reason == "ctnetlink" or bool(self.requester.get("portid"))
 
     @property
     def expired(self) -> bool:
+        if self.by_ctnetlink:
+            return False
         if self.reason:
             return self.reason == "timeout"
         return self.entry.timeout <= EXPIRED_TIMEOUT_LEFT_S
+
+    def preceded(self, ts: float) -> bool:
+        """Can this deletion have happened before time ts?"""
+        return self.not_before <= ts
+
+    @classmethod
+    def of(cls, ev: KernelEvent) -> "Deletion":
+        if ev.not_before_ns:
+            not_before = ev.not_before_ns / 1e9
+        else:   # a probe's time is exact; an old netlink record's is only an upper bound
+            not_before = 0.0 if ev.probe == "netlink" else ev.mono
+        requester = {}
+        if ev.delete_reason == "ctnetlink":   # the probe ran in the requesting process
+            requester = {"pid": ev.pid, "comm": ev.comm}
+        elif ev.portid:
+            requester = dict(ev.context.requester, portid=ev.portid)
+        return cls(ev.netns, ev.mono, ev.entry, ev.context.sysctls, ev.delete_reason, ev.delete_detail,
+                   ev.ts, not_before, requester, ev.context.netns_name)
+
+    def merge(self, other: "Deletion") -> None:
+        """The same deletion reported twice (kprobe, then netlink): keep the richer facts."""
+        if other.reason and not self.reason:
+            self.reason, self.detail = other.reason, other.detail
+            self.ts, self.wall, self.not_before = other.ts, other.wall, other.not_before
+        self.requester = {**other.requester, **self.requester}
+        self.sysctls = self.sysctls or other.sysctls
+        self.netns_name = self.netns_name or other.netns_name
+
+
+CTNETLINK_DELETE = "ctnetlink_delete"   # a trigger kind: the deletion was asked for over ctnetlink
 
 
 @dataclass
@@ -62,19 +106,34 @@ class Trigger:
     kind: str
     netns: int
     netns_name: str
-    ts: float
+    ts: float               # correlation clock (monotonic seconds)
     ifname: str = ""
     address: str = ""
     notifier: str = ""
+    wall: float = 0.0       # for display
+    requester: dict = field(default_factory=dict)
+
+    @classmethod
+    def of_deletion(cls, gone: "Deletion") -> "Trigger":
+        return cls(CTNETLINK_DELETE, gone.netns, gone.netns_name, gone.ts, wall=gone.wall,
+                   requester=gone.requester)
 
     def describe(self) -> str:
         if self.kind == ADDR_REMOVED:
             return f"removal of address {self.address} from {self.ifname or 'an interface'}"
+        if self.kind == CTNETLINK_DELETE:
+            r = self.requester
+            who = f"{r['comm']} (pid {r['pid']})" if r.get("comm") else \
+                f"netlink port {r['portid']} (process not found)" if r.get("portid") else "a process"
+            return f"a deletion over ctnetlink by {who}"
         return f"interface {self.ifname or '?'} going down"
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "netns": self.netns, "ifname": self.ifname,
-                "address": self.address, "notifier": self.notifier, "ts": self.ts}
+        d = {"kind": self.kind, "netns": self.netns, "ifname": self.ifname,
+             "address": self.address, "notifier": self.notifier, "ts": self.wall}
+        if self.requester:
+            d["requester"] = self.requester
+        return d
 
 
 class AttributionState:
@@ -97,24 +156,26 @@ class AttributionState:
             self._verdicts.put(key, record, now)
 
     def related(self, ev: KernelEvent) -> Optional[dict]:
-        hit = self._verdicts.get(ev.flow.endpoints(), ev.ts) if ev.flow else None
+        hit = self._verdicts.get(ev.flow.endpoints(), ev.mono) if ev.flow else None
         if hit is None:
             return None
-        return dict(hit[1], age_s=round(ev.ts - hit[0], 6))
+        return dict(hit[1], age_s=round(ev.mono - hit[0], 6))
 
     # -- conntrack deletions -----------------------------------------------------------
-    def add_deletion(self, ev: KernelEvent) -> None:
-        d = Deletion(ev.netns, ev.ts, ev.entry, ev.context.sysctls, ev.delete_reason, ev.delete_detail)
-        # the kprobe backend reports a deletion (with its reason) before the netlink monitor
-        # does (without): keep the reason
+    def add_deletion(self, ev: KernelEvent) -> Deletion:
+        d = Deletion.of(ev)
+        # the kprobe backend and the netlink monitor both report a deletion, in either order:
+        # one Deletion, with the kernel's reason from the probe
         known = self.deletion_by_reply(ev.netns, ev.entry.reply)
-        if known is not None and known.reason and not d.reason and abs(known.ts - d.ts) < 2:
-            d.reason, d.detail, d.ts = known.reason, known.detail, known.ts
-        self._by_reply.put((ev.netns, ev.entry.reply), d, ev.ts)
-        self._by_reply_any.put(ev.entry.reply, d, ev.ts)
+        if known is not None and known.entry.orig == d.entry.orig and abs(known.ts - d.ts) < 2:
+            known.merge(d)
+            return known
+        self._by_reply.put((ev.netns, ev.entry.reply), d, d.ts)
+        self._by_reply_any.put(ev.entry.reply, d, d.ts)
         # several entries of one inside flow: the flushed one, then its re-NATed successor
-        earlier = self._by_orig.get((ev.netns, ev.entry.orig), ev.ts)
-        self._by_orig.put((ev.netns, ev.entry.orig), ((earlier[1] if earlier else []) + [d])[-4:], ev.ts)
+        earlier = self._by_orig.get((ev.netns, ev.entry.orig), d.ts)
+        self._by_orig.put((ev.netns, ev.entry.orig), ((earlier[1] if earlier else []) + [d])[-4:], d.ts)
+        return d
 
     def deletion_by_reply(self, netns: int, reply: Tuple) -> Optional[Deletion]:
         hit = self._by_reply.get((netns, reply), self.now)
@@ -130,15 +191,15 @@ class AttributionState:
 
     # -- kprobe backend: INVALID verdicts and NAT bindings ----------------------------------
     def add_invalid(self, ev: KernelEvent) -> None:
-        self._invalid.put((ev.netns, ev.flow), ev, ev.ts)
+        self._invalid.put((ev.netns, ev.flow), ev, ev.mono)
 
     def invalid_for(self, netns: int, seg: Tuple, within: float = 2.0) -> Optional[KernelEvent]:
         hit = self._invalid.get((netns, seg), self.now)
         return hit[1] if hit and self.now - hit[0] <= within else None
 
     def add_binding(self, ev: KernelEvent) -> None:
-        self._bindings.put((ev.netns, ev.entry.reply), ev, ev.ts)
-        self._bindings_any.put(ev.entry.reply, ev, ev.ts)
+        self._bindings.put((ev.netns, ev.entry.reply), ev, ev.mono)
+        self._bindings_any.put(ev.entry.reply, ev, ev.mono)
 
     def binding_for(self, netns: int, reply: Tuple) -> Optional[KernelEvent]:
         hit = self._bindings.get((netns, reply), self.now)
@@ -150,8 +211,8 @@ class AttributionState:
 
     # -- what flushes entries ------------------------------------------------------------
     def add_trigger(self, ev: KernelEvent) -> None:
-        t = Trigger(ev.kind, ev.netns, ev.context.netns_name, ev.ts, ev.context.ifname, ev.address,
-                    ev.notifier)
+        t = Trigger(ev.kind, ev.netns, ev.context.netns_name, ev.mono, ev.context.ifname, ev.address,
+                    ev.notifier, ev.ts)
         self._triggers.setdefault(ev.netns, deque(maxlen=256)).append(t)
 
     def trigger_near(self, netns: int, ts: float, gone: Optional[Deletion] = None) -> Optional[Trigger]:
@@ -183,6 +244,8 @@ class AttributionState:
         event (corroboration that the MASQUERADE cleanup ran). Looked for in every
         namespace: the tracepoint knows only the namespace of the task that made the change,
         which need not be the namespace of the address (netlink sockets opened elsewhere)."""
+        if trigger.kind == CTNETLINK_DELETE:
+            return None
         if trigger.kind == LINK_DOWN:
             name = "masq_device_event"
         else:

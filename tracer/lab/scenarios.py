@@ -523,6 +523,28 @@ def device_down(lab: NatLab, random_fully=True) -> Outcome:
     return _flush_then_client_sends(lab, "device-down", random_fully, flush)
 
 
+def ct_flush(lab: NatLab, random_fully=True, how: str = "flush") -> Outcome:
+    """Someone deletes the router's entries over ctnetlink — `conntrack -F` (how="flush"), or
+    `conntrack -D` of the one flow (how="delete"), as an operator, kube-proxy or a CNI does:
+    as in vip-move, the client's next segment gets a new port and the server's listener
+    answers RST. The deleting process is known: its pid is the ground truth."""
+    if how not in ("flush", "delete"):
+        raise LabError(f"how must be flush or delete, not {how!r}")
+
+    def flush(inside: dict, ts: dict) -> dict:
+        cmd = ["conntrack", "-F"] if how == "flush" else \
+            ["conntrack", "-D", "-p", "tcp", "--orig-src", inside["src"], "--sport", str(inside["sport"])]
+        ts["deleted"] = time.time()
+        # `ip netns exec` execs the command: the pid is conntrack's own
+        p = subprocess.Popen(["ip", "netns", "exec", lab.nat, *cmd], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        _, err = p.communicate(timeout=10)
+        if p.returncode != 0:
+            raise LabError(f"{' '.join(cmd)} failed: {err.strip()}")
+        return {"how": how, "command": " ".join(cmd), "deleter_pid": p.pid, "deleter_comm": "conntrack"}
+    return _flush_then_client_sends(lab, "ct-flush", random_fully, flush)
+
+
 # -- incident 4 -------------------------------------------------------------------------
 def dhcp_renew(lab: NatLab, probe: str = "keepalive", client_after: bool = True) -> Outcome:
     """Incident 4: a DHCP renewal removes and re-adds the router's address; the idle
@@ -870,6 +892,6 @@ def timewait(lab: NatLab) -> Outcome:
 
 
 SCENARIOS = {"invalid-window": invalid_window, "closed-port": closed_port, "invalid-dnat": invalid_dnat,
-             "snat-race": snat_race, "vip-move": vip_move, "device-down": device_down, "dhcp-renew": dhcp_renew, "ct-expire": ct_expire,
+             "snat-race": snat_race, "vip-move": vip_move, "device-down": device_down, "ct-flush": ct_flush, "dhcp-renew": dhcp_renew, "ct-expire": ct_expire,
              "table-full": table_full, "app-abort": app_abort, "keepalive-timeout": keepalive_timeout,
              "listen-overflow": listen_overflow, "timewait": timewait}

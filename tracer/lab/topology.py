@@ -46,6 +46,9 @@ class NatLab:
     masquerade_opts: tuple = ()
     drop_invalid: bool = False
     dnat: tuple = ()  # (vip, vport, backend, bport): see add_dnat()
+    # seconds between building the lab and handing it to a scenario: the stress runs vary
+    # it (0, 0.1, 1 s) so that namespaces are flushed at varying ages
+    settle: float = field(default_factory=lambda: float(os.environ.get("RST_TRACER_LAB_SETTLE") or 0))
     lab_id: str = field(default_factory=lambda: secrets.token_hex(3))
     procs: list = field(default_factory=list)
     _dnat_done: bool = field(default=False, init=False, repr=False)
@@ -94,6 +97,7 @@ class NatLab:
         for ns, dev in ((self.cli, "c0"), (self.nat, "n1"), (self.nat, "n2"), (self.srv, "s0")):
             self.exec(ns, ["ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off"], check=False)
         self._wait_carrier()
+        time.sleep(self.settle)
 
     def _addresses(self, ns: str, dev: str, addrs: list) -> None:
         with NetNS(ns) as ipr:

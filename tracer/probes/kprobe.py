@@ -16,10 +16,11 @@ import os
 import time
 from dataclasses import dataclass
 
+from ..kallsyms import Kallsyms, loaded_modules
+from .base import NETNS_PROBES, WANTED_DROP_REASONS, Backend
 from .btf import BTF, BTFError
 from .capabilities import Capabilities, _kernel_config
-from .loader import LoadError, compile_program, kernel_defines
-from .tracepoint import WANTED_DROP_REASONS
+from .loader import LoadError, kernel_defines
 
 # define name -> (struct, member path), all from the running kernel's BTF
 KPROBE_OFFSETS = {
@@ -70,35 +71,6 @@ class Probe:
         return {"probe": self.name, "attached": self.attached, "why": self.why}
 
 
-def read_kallsyms(path: str = "/proc/kallsyms") -> dict:
-    """name -> address of every text symbol (the first one of a name)."""
-    out: dict = {}
-    try:
-        with open(path) as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and parts[1] in "tTwW" and parts[2] not in out:
-                    out[parts[2]] = int(parts[0], 16)
-    except OSError:
-        pass
-    return out
-
-
-def loaded_modules(path: str = "/proc/modules") -> frozenset:
-    try:
-        with open(path) as f:
-            return frozenset(line.split()[0] for line in f if line.strip())
-    except OSError:
-        return frozenset()
-
-
-def symbol_end(kallsyms: dict, name: str) -> int:
-    """Address where the function `name` ends: the next symbol's address."""
-    start = kallsyms.get(name, 0)
-    after = [a for a in kallsyms.values() if a > start]
-    return min(after) if (start and after) else 0
-
-
 def kernel_hz(release: str) -> int:
     try:
         return int(_kernel_config(release).get("CONFIG_HZ", "250"))
@@ -118,19 +90,17 @@ def _nth(arg: int) -> str:
     return f"argument {arg}" if arg else "none"
 
 
-class KprobeBackend:
+class KprobeBackend(Backend):
     name = "kprobe"
     source = "kprobes.c"
 
     def __init__(self, caps: Capabilities, btf: BTF):
-        self.caps, self.btf = caps, btf
-        self.bpf = None
-        self.attach_seconds = 0.0
-        self.defines: dict = {}
+        super().__init__(caps, btf)
+        self.resolved: dict = {}      # the defines this kernel resolved to
         self._probes: list = []
-        self._modules: frozenset = frozenset()
+        self._modules = None
         self._module_btf: dict = {}
-        self._kallsyms: dict = {}
+        self._kallsyms = Kallsyms.current()
 
     # -- per-kernel resolution ---------------------------------------------------------
     def _params(self, func: str, module: str = ""):
@@ -160,7 +130,7 @@ class KprobeBackend:
         return arg, f"no BTF record of {func}: by kernel version ({'>=' if arg else '<'} " \
                     f"{'.'.join(map(str, since))})"
 
-    def _defines(self) -> dict:
+    def defines(self) -> dict:
         d = kernel_defines(self.btf)
         missing = []
         for name, (s, m) in KPROBE_OFFSETS.items():
@@ -191,6 +161,7 @@ class KprobeBackend:
             kfree_arity = 3 if self.caps.kernel_version >= (5, 17, 0) else 2
         d["KFREE_SKB_HAS_REASON"] = int(kfree_arity >= 3 and self.btf.has_enum("skb_drop_reason"))
         d["KERNEL_HZ"] = kernel_hz(self.caps.kernel_release)
+        self.resolved = d
         return d
 
     def _needs_offsets(self, *structs) -> str:
@@ -225,7 +196,7 @@ class KprobeBackend:
         return ""
 
     def _probe_list(self) -> list:
-        k = self.defines
+        k = self.resolved
         rst = "resets sent (the segment that drew them)"
         probes = [
             Probe("kprobe:tcp_v4_send_reset", "kprobe", "tcp_v4_send_reset", "kp_tcp_v4_send_reset",
@@ -283,21 +254,13 @@ class KprobeBackend:
         return probes
 
     # -- life cycle ------------------------------------------------------------------------
-    def attach(self) -> None:
-        t0 = time.monotonic()
-        self.defines = self._defines()
-        self.bpf = compile_program(self.source, self.defines, self.caps)
+    def attach_probes(self) -> None:
         self._probes = self._probe_list()
-        self._kallsyms = read_kallsyms()
-        if self.defines["KFREE_SKB_HAS_REASON"]:
-            drop = self.btf.enum("skb_drop_reason")
-            table = self.bpf["wanted_drop_reasons"]
-            for name in WANTED_DROP_REASONS:
-                code = drop.get("SKB_DROP_REASON_" + name)
-                if code is not None and code < 256:
-                    table[ctypes.c_int(code)] = ctypes.c_uint8(1)
+        self._kallsyms = Kallsyms.current()
+        if self.resolved["KFREE_SKB_HAS_REASON"]:
+            self.filter_drop_reasons()
         else:
-            start, end = self._kallsyms.get("nf_hook_slow", 0), symbol_end(self._kallsyms, "nf_hook_slow")
+            start, end = self._kallsyms.address("nf_hook_slow"), self._kallsyms.end("nf_hook_slow")
             table = self.bpf["nf_hook_slow_range"]
             table[ctypes.c_int(0)] = ctypes.c_uint64(start)
             table[ctypes.c_int(1)] = ctypes.c_uint64(end)
@@ -309,7 +272,6 @@ class KprobeBackend:
         if not any(p.attached for p in self._probes):
             raise LoadError("kprobe backend: no probe could be attached: " +
                             "; ".join(f"{p.name}: {p.why}" for p in self._probes))
-        self.attach_seconds = time.monotonic() - t0
 
     def _attach_pending(self) -> int:
         attached = 0
@@ -320,7 +282,7 @@ class KprobeBackend:
                 p.target = next((c for c in p.candidates if c in self._kallsyms), p.candidates[-1])
             if p.kind != "raw_tracepoint" and p.target not in self._kallsyms:
                 p.why = (f"{p.target} not in kallsyms: module {p.module} not loaded yet (retried when it loads)"
-                         if p.module and p.module not in self._modules else
+                         if p.module and p.module not in (self._modules or ()) else
                          f"{p.target} not in kallsyms (inlined or absent on {self.caps.kernel_release})")
                 continue
             if p.prepare is not None:
@@ -347,10 +309,10 @@ class KprobeBackend:
         where = f"{p.kind} on {p.target}" + (f" [{p.module}]" if p.module else "")
         extra = ""
         if p.target in ("tcp_v4_send_reset", "tcp_v6_send_reset"):
-            extra = "; reason argument: " + _nth(self.defines["SEND_RESET_REASON_ARG"]) + \
+            extra = "; reason argument: " + _nth(self.resolved["SEND_RESET_REASON_ARG"]) + \
                 f" ({self._send_reset_why})"
         elif p.target == "tcp_send_active_reset":
-            extra = "; reason argument: " + _nth(self.defines["ACTIVE_RESET_REASON_ARG"]) + \
+            extra = "; reason argument: " + _nth(self.resolved["ACTIVE_RESET_REASON_ARG"]) + \
                 f" ({self._active_reset_why})"
         if p.note:
             extra += "; " + p.note
@@ -365,31 +327,13 @@ class KprobeBackend:
         if modules == self._modules:
             return
         self._modules = modules
-        self._kallsyms = read_kallsyms()
+        self._kallsyms = Kallsyms.current()
         self._attach_pending()
-
-    def open(self, on_raw) -> None:
-        def callback(_ctx, data, size):
-            on_raw(ctypes.string_at(data, size))
-            return 0
-        self._callback = callback  # BCC keeps only a weak reference to it
-        self.bpf["events"].open_ring_buffer(callback)
-
-    def poll(self, timeout_ms: int) -> None:
-        self.bpf.ring_buffer_poll(timeout_ms)
-
-    def lost(self) -> int:
-        return sum(int(v) for v in self.bpf["lost_events"][ctypes.c_int(0)]) if self.bpf else 0
 
     def probes(self) -> list:
         """Names of the attached probes."""
-        return [p.name for p in self._probes if p.attached]
+        return [p.name for p in self._probes if p.attached] + NETNS_PROBES
 
     def probe_report(self) -> list:
         """Every probe this kernel was considered for: {probe, attached, why}."""
         return [p.report() for p in self._probes]
-
-    def detach(self) -> None:
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None

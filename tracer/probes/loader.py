@@ -50,6 +50,7 @@ OFFSETS = {
     "OFF_TUPLE_DST_U3": ("nf_conntrack_tuple", "dst.u3"),
     "OFF_TUPLE_DST_PORT": ("nf_conntrack_tuple", "dst.u.all"),
     "OFF_TASK_NSPROXY": ("task_struct", "nsproxy"),
+    "OFF_TASK_TGID": ("task_struct", "tgid"),
     "OFF_NSPROXY_NET_NS": ("nsproxy", "net_ns"),
 }
 SIZES = {"SIZEOF_TUPLE_HASH": "nf_conntrack_tuple_hash"}
