@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from tracer.lab.harness import TracerProcess
@@ -10,3 +12,24 @@ def tracer():
     t.start()
     yield t
     t.stop()
+
+
+# -- stress mode (scripts/stress.sh): the flush and expiry tests, N times each, with the lab's
+# namespaces handed to the scenario 0, 0.1 or 1 s after they were created
+STRESS_RUNS = int(os.environ.get("RST_TRACER_STRESS_RUNS") or 0)
+SETTLE_DELAYS = (0.0, 0.1, 1.0)
+
+
+def pytest_generate_tests(metafunc):
+    if STRESS_RUNS and metafunc.definition.get_closest_marker("flush"):
+        metafunc.fixturenames.append("stress_run")
+        metafunc.parametrize("stress_run", range(1, STRESS_RUNS + 1),
+                             ids=lambda n: f"run{n}-settle{SETTLE_DELAYS[(n - 1) % len(SETTLE_DELAYS)]}")
+
+
+@pytest.fixture(autouse=True)
+def _lab_settle(request, monkeypatch):
+    callspec = getattr(request.node, "callspec", None)
+    run = callspec.params.get("stress_run") if callspec else None
+    if run:
+        monkeypatch.setenv("RST_TRACER_LAB_SETTLE", str(SETTLE_DELAYS[(run - 1) % len(SETTLE_DELAYS)]))

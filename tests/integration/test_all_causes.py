@@ -10,31 +10,13 @@ from contextlib import contextmanager
 import pytest
 
 from tracer.lab import scenarios
-from tracer.lab.harness import TracerProcess
+from tracer.lab.harness import TracerProcess, effective_verdicts
 from tracer.lab.topology import NAT_OUT_ADDR, NatLab
 from tracer.lab.wire import Capture, retransmitted_syns, rst_coverage
 
 pytestmark = pytest.mark.root
 CONNTRACK_CAUSES = {"conntrack_invalid_unnat", "snat_port_clash", "conntrack_flushed",
                     "conntrack_expired", "conntrack_table_full"}
-
-
-def effective_verdicts(records, lab_inodes) -> tuple:
-    """(the verdict of each event as it stands after any corrections, the corrections): a
-    correction takes the place of the record it supersedes (schema v1, README)."""
-    verdicts, corrections, where = [], [], {}
-    for r in records:
-        if r.get("netns") not in lab_inodes:
-            continue
-        if r.get("type") == "verdict":
-            where[r["id"]] = len(verdicts)
-            verdicts.append(r)
-        elif r.get("type") == "correction":
-            corrections.append(r)
-            i = where.pop(r["supersedes"])
-            where[r["id"]] = i
-            verdicts[i] = r
-    return verdicts, corrections
 
 
 class Run:
@@ -184,6 +166,7 @@ def _renated_flush(run) -> dict:
     return run.evidence(v)
 
 
+@pytest.mark.flush
 def test_vip_move_blames_the_address_removal_and_shows_the_new_port():
     with traced("vip-move") as run:
         ev = _renated_flush(run)
@@ -194,6 +177,7 @@ def test_vip_move_blames_the_address_removal_and_shows_the_new_port():
         assert abs(ev["deleted_entry"]["deleted_ts"] - run.facts["timestamps"]["removed"]) < 1.0
 
 
+@pytest.mark.flush
 def test_device_down_blames_the_link_and_shows_the_new_port():
     with traced("device-down") as run:
         ev = _renated_flush(run)
@@ -202,6 +186,7 @@ def test_device_down_blames_the_link_and_shows_the_new_port():
         assert abs(ev["deleted_entry"]["deleted_ts"] - run.facts["timestamps"]["down"]) < 1.0
 
 
+@pytest.mark.flush
 @pytest.mark.parametrize("how", ["flush", "delete"])
 def test_ctnetlink_deletion_names_who_asked_for_it(how):
     """`conntrack -F` / `conntrack -D` in the router: the deletion is its own trigger, with the
@@ -220,6 +205,7 @@ def test_ctnetlink_deletion_names_who_asked_for_it(how):
         assert "ctnetlink" in v["summary"] and any("conntrack -E" in c for c in v["remedy"]["commands"])
 
 
+@pytest.mark.flush
 @pytest.mark.parametrize("probe", ["keepalive", "data"])
 def test_dhcp_renew_blames_the_renewal_on_the_routers_reset(probe):
     with traced("dhcp-renew", probe=probe) as run:
@@ -234,6 +220,7 @@ def test_dhcp_renew_blames_the_renewal_on_the_routers_reset(probe):
         assert later and all(x["related"]["id"] == v["id"] for x in later)
 
 
+@pytest.mark.flush
 @pytest.mark.parametrize("evict", ["listing", "lookup"])
 def test_ct_expire_is_expired_with_the_timeout(evict):
     with traced("ct-expire", evict=evict) as run:

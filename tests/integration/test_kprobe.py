@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tracer.lab import scenarios
-from tracer.lab.harness import TracerProcess
+from tracer.lab.harness import TracerProcess, effective_verdicts
 from tracer.lab.topology import CLI6_ADDR, SRV6_ADDR, SRV_ADDR, NatLab
 from tracer.probes import capabilities
 from tracer.recording import RecordingError, read_recording
@@ -100,9 +100,9 @@ def tracer(tmp_path, nat_modules):
 
 
 def lab_verdicts(tracer, lab, cause: str = "") -> list:
+    """The lab's verdicts as they stand after any corrections."""
     mine = {lab.netns_inode(ns) for ns in lab.namespaces}
-    return [v for v in tracer.stop() if v.get("type") == "verdict" and v["netns"] in mine
-            and (not cause or v["cause"] == cause)]
+    return [v for v in effective_verdicts(tracer.stop(), mine)[0] if not cause or v["cause"] == cause]
 
 
 def evidence(v: dict) -> dict:
@@ -329,18 +329,21 @@ def _flushed_by_masquerade(tracer, lab, outcome) -> dict:
     return v
 
 
+@pytest.mark.flush
 def test_vip_move_flush_names_the_masquerade_walk(tracer):
     with NatLab() as lab:
         outcome = run_scenario("vip-move", lab)
         _flushed_by_masquerade(tracer, lab, outcome)
 
 
+@pytest.mark.flush
 def test_dhcp_renew_flush_names_the_masquerade_walk(tracer):
     with NatLab() as lab:
         outcome = run_scenario("dhcp-renew", lab)
         _flushed_by_masquerade(tracer, lab, outcome)
 
 
+@pytest.mark.flush
 def test_device_down_deletion_names_the_device(tracer):
     with NatLab() as lab:
         outcome = run_scenario("device-down", lab)
@@ -353,6 +356,25 @@ def test_device_down_deletion_names_the_device(tracer):
     assert reason["reason"] == "device" and reason["ifname"] == "n2"
 
 
+@pytest.mark.flush
+def test_ctnetlink_deletion_names_the_deleting_process(tracer):
+    """`conntrack -F` in the router: nf_ct_delete runs in the conntrack process, which the
+    probe names exactly (pid and comm), though it has exited when the verdict is made."""
+    with NatLab() as lab:
+        outcome = run_scenario("ct-flush", lab)
+        verdicts = lab_verdicts(tracer, lab)
+    v = next((v for v in verdicts if v["cause"] == "conntrack_flushed"
+              and v["netns"] == outcome.facts["netns"]["srv"]), None)
+    assert v is not None, [v["cause"] for v in verdicts]
+    ev = evidence(v)
+    assert ev["delete_reason"]["reason"] == "ctnetlink"
+    trigger = ev["flush_trigger"]
+    assert trigger["kind"] == "ctnetlink_delete"
+    assert trigger["requester"]["pid"] == outcome.facts["deleter_pid"]
+    assert trigger["requester"]["comm"] == outcome.facts["deleter_comm"]
+
+
+@pytest.mark.flush
 def test_ct_expire_deletion_is_a_timeout(tracer):
     with NatLab() as lab:
         outcome = run_scenario("ct-expire", lab)

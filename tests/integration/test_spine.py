@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tracer.lab import scenarios
-from tracer.lab.harness import TracerProcess
+from tracer.lab.harness import TracerProcess, effective_verdicts
 from tracer.lab.topology import NatLab
 
 pytestmark = pytest.mark.root
@@ -17,8 +17,8 @@ CONNTRACK_CAUSES = {"conntrack_invalid_unnat", "snat_port_clash", "conntrack_flu
 
 
 def lab_verdicts(tracer, lab):
-    mine = {lab.netns_inode(ns) for ns in lab.namespaces}
-    return [v for v in tracer.stop() if v.get("type") == "verdict" and v["netns"] in mine]
+    """The lab's verdicts as they stand after any corrections."""
+    return effective_verdicts(tracer.stop(), {lab.netns_inode(ns) for ns in lab.namespaces})[0]
 
 
 def test_invalid_window_gives_one_verdict_on_the_clients_real_tuple(tracer):
@@ -106,4 +106,4 @@ def test_replay_of_a_live_recording_prints_the_live_verdicts(tmp_path):
                        capture_output=True, text=True)
     replayed = [json.loads(line) for line in p.stdout.splitlines()]
     assert p.returncode == 0 and replayed
-    assert replayed == [r for r in live if r["type"] == "verdict"]
+    assert replayed == [r for r in live if r["type"] in ("verdict", "correction")]

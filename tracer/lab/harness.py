@@ -13,6 +13,25 @@ import time
 from .topology import LabError, _project_root
 
 
+def effective_verdicts(records, netns=None) -> tuple:
+    """(the verdict of each event as it stands after any corrections, the corrections), in
+    event order, of the namespaces `netns` (all when None): a correction takes the place of
+    the record it supersedes (schema v1, README)."""
+    verdicts, corrections, where = [], [], {}
+    for r in records:
+        if netns is not None and r.get("netns") not in netns:
+            continue
+        if r.get("type") == "verdict":
+            where[r["id"]] = len(verdicts)
+            verdicts.append(r)
+        elif r.get("type") == "correction":
+            corrections.append(r)
+            i = where.pop(r["supersedes"])
+            where[r["id"]] = i
+            verdicts[i] = r
+    return verdicts, corrections
+
+
 class TracerProcess:
     def __init__(self, *extra_args: str, record: str = "", env: dict = None):
         self.args = [sys.executable, "-m", "tracer", "watch", "--json", *extra_args] + \
@@ -71,4 +90,5 @@ class TracerProcess:
         return self.records
 
     def verdicts(self, cause: str = "") -> list:
-        return [r for r in self.records if r.get("type") == "verdict" and (not cause or r["cause"] == cause)]
+        """Effective verdicts (corrections applied)."""
+        return [r for r in effective_verdicts(self.records)[0] if not cause or r["cause"] == cause]
