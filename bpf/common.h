@@ -3,80 +3,15 @@
 #ifndef RST_TRACER_COMMON_H
 #define RST_TRACER_COMMON_H
 
-#define KIND_RST_SENT 1
-#define KIND_RST_RECEIVED 2
-#define KIND_SKB_DROPPED 3
-#define KIND_MASQ_NOTIFIER 4
-// kprobe backend only
-#define KIND_CT_INVALID 5      // conntrack logged a TCP segment INVALID (or IGNORED), with why
-#define KIND_NAT_BINDING 6     // SNAT chose a tuple for a new TCP connection
-#define KIND_CT_DELETE 7       // nf_ct_delete of a NATed TCP entry, with the reason (ct_destroy)
-#define KIND_NETNS_BORN 8      // a task in a network namespace not seen before (both backends)
+// KIND_*, PROBE_* and DEL_* are -D defines, and struct rst_event is generated: both from
+// tracer/record.py, which the decoder unpacks with.
+#include "record.h"
 
 // wire/ABI constants, stable across kernels
 #define PROTO_TCP 6
 #define FAMILY_INET 2
 #define TCP_STATE_LISTEN 10     // include/net/tcp_states.h (stable)
 #define FAMILY_INET6 10
-
-// Layout mirrored by tracer/decode.py (RAW_EVENT); change both together.
-struct rst_event {
-    u64 ts_ns;          // bpf_ktime_get_ns()
-    u64 skb;
-    u64 sk;
-    u64 location;       // kfree_skb call site
-    u32 kind;
-    u32 reason;         // sk_rst_reason or skb_drop_reason, kernel numbering
-    u32 netns;          // inode of the network namespace
-    u32 ifindex;
-    u32 ct_status;      // nf_conn->status when the skb carried a conntrack reference
-    u32 pid;
-    u32 seq;
-    u32 ack;
-    u16 sport;
-    u16 dport;
-    u16 payload_len;
-    u16 window;
-    u8 family;          // 4 or 6, 0 when unknown
-    u8 tcp_flags;
-    u8 has_ct;          // skb->_nfct pointed at a conntrack entry
-    u8 ctinfo;          // low bits of skb->_nfct (enum ip_conntrack_info)
-    u8 sk_state;        // 0xff when no socket
-    u8 has_skb;
-    u8 pad[2];
-    u8 saddr[16];
-    u8 daddr[16];
-    char comm[16];
-    u64 notifier_cb;    // masquerade notifier that ran
-    // the skb's conntrack entry: original and reply tuples (ports in host order)
-    u8 ct_orig_saddr[16];
-    u8 ct_orig_daddr[16];
-    u8 ct_reply_saddr[16];
-    u8 ct_reply_daddr[16];
-    u16 ct_orig_sport;
-    u16 ct_orig_dport;
-    u16 ct_reply_sport;
-    u16 ct_reply_dport;
-    // ---- appended for the kprobe backend: zero from the tracepoint backend ----
-    u16 probe_id;          // PROBE_* (bpf/kprobes.c): which probe; 0 = the kind's tracepoint
-    u8 ct_tcp_state;       // nf_conn.proto.tcp.state (enum tcp_conntrack)
-    u8 delete_reason;      // ct_delete: DEL_* (bpf/kprobes.c)
-    u32 nat_range_flags;   // nat_binding: nf_nat_range2.flags of the rule
-    u32 ct_timeout_left;   // ct_delete, nat_binding: seconds left before the entry expires
-    u32 detail_ifindex;    // ct_delete in a masquerade walk: the device
-    u8 detail_family;      // 4 or 6 when detail_addr holds the removed address
-    u8 ct_family;          // 4 or 6: family of the ct_* tuples
-    u8 inv_flags;          // ct_invalid: bit 0 = inv_str holds the first argument as a string
-    u8 probes_out;         // socket-only resets: icsk_probes_out (unanswered keepalive probes)
-    u16 accept_queue;      // listener: sk_ack_backlog (capped at 65535)
-    u16 accept_queue_max;  // listener: sk_max_ack_backlog
-    u64 inv_value[2];      // ct_invalid: the message's first two arguments (%u values)
-    u32 ct_window[8];      // ct_invalid: td_end, td_maxend, td_maxwin, td_scale; orig then reply
-    u8 detail_addr[16];
-    char detail_ifname[16];
-    char inv_str[16];
-    char inv_msg[80];      // ct_invalid: the message (template) conntrack logged
-};
 
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 // Events that found the ring buffer full: read by user space and reported in-band.

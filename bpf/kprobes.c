@@ -17,29 +17,7 @@
 
 #include "common.h"
 
-// probe ids (struct rst_event.probe_id), mirrored by tracer/decode.py PROBE_NAMES
-#define PROBE_TCP_V4_SEND_RESET 1
-#define PROBE_TCP_V6_SEND_RESET 2
-#define PROBE_TCP_SEND_ACTIVE_RESET 3
-#define PROBE_TCP_RECEIVE_RESET 4
-#define PROBE_TCP_RESET 5
-#define PROBE_KFREE_SKB 6
-#define PROBE_KFREE_SKB_NF_HOOK 7      // kernels < 5.17: no drop reason, drops at nf_hook_slow
-#define PROBE_LOG_INVALID 8
-#define PROBE_NAT_CONFIRM 9            // binding seen at __nf_conntrack_confirm
-#define PROBE_CLASH_WINNER 10          // the entry a clashing SYN lost to (nf_ct_resolve_clash)
-#define PROBE_CT_DELETE 11
-#define PROBE_MASQ_INET 12
-#define PROBE_MASQ_INET6 13
-#define PROBE_MASQ_DEVICE 14
-
-// delete reasons (struct rst_event.delete_reason), mirrored by tracer/decode.py
-#define DEL_CTNETLINK 1
-#define DEL_TIMEOUT 2
-#define DEL_MASQUERADE 3
-#define DEL_DEVICE 4
-#define DEL_EARLY_DROP 5
-#define DEL_OTHER 6
+// probe ids (PROBE_*) and delete reasons (DEL_*): -D defines from tracer/record.py
 
 // include/uapi/linux/netfilter/nf_conntrack_common.h (stable ABI)
 #define IPS_CONFIRMED (1 << 3)
@@ -488,6 +466,7 @@ int kp_ct_delete(struct pt_regs *ctx)
     u64 *walk = masq_walk.lookup(&tid);
     if (portid) {
         e->delete_reason = DEL_CTNETLINK;
+        e->portid = portid;   // the requesting socket; the task is the requester
     } else if (ed && *ed && now - *ed < 1000000000ULL) {
         e->delete_reason = DEL_EARLY_DROP;
     } else if (walk && now - *walk < WALK_MAX_NS) {

@@ -82,7 +82,7 @@ class Deletion:
             not_before = 0.0 if ev.probe == "netlink" else ev.mono
         requester = {}
         if ev.delete_reason == "ctnetlink":   # the probe ran in the requesting process
-            requester = {"pid": ev.pid, "comm": ev.comm}
+            requester = {"pid": ev.pid, "comm": ev.comm, "portid": ev.portid}
         elif ev.portid:
             requester = dict(ev.context.requester, portid=ev.portid)
         return cls(ev.netns, ev.mono, ev.entry, ev.context.sysctls, ev.delete_reason, ev.delete_detail,

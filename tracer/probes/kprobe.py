@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import time
 from dataclasses import dataclass
 
 from ..kallsyms import Kallsyms, loaded_modules

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from .. import record
 from .btf import BTF, BTFError
 from .capabilities import Capabilities
 
@@ -70,6 +71,7 @@ def kernel_defines(btf: BTF) -> dict:
     except BTFError as e:
         raise LoadError(str(e)) from e
     defines["RINGBUF_PAGES"] = RINGBUF_PAGES
+    defines.update(record.c_defines())
     return defines
 
 
@@ -105,12 +107,18 @@ def import_bcc():
     return bcc
 
 
+# headers generated from Python rather than read from bpf/
+GENERATED = {"record.h": record.c_header}
+
+
 def expand_local_includes(source: str, seen=None) -> str:
-    """Inline `#include "x.h"` from bpf/: BCC rewrites map calls (events.ringbuf_output,
-    map.lookup) only in the main translation unit, not in included files."""
+    """Inline `#include "x.h"` from bpf/ (or generated): BCC rewrites map calls
+    (events.ringbuf_reserve, map.lookup) only in the main translation unit, not in included
+    files."""
     seen = set() if seen is None else seen
+    text = GENERATED[source]() if source in GENERATED else (BPF_DIR / source).read_text()
     out = []
-    for line in (BPF_DIR / source).read_text().splitlines():
+    for line in text.splitlines():
         stripped = line.strip()
         if stripped.startswith('#include "') and stripped.endswith('"'):
             name = stripped[len('#include "'):-1]
