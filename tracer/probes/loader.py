@@ -7,6 +7,7 @@ every offset the C code uses is an OFF_* define read from the running kernel's B
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -16,7 +17,21 @@ from .. import record
 from .btf import BTF, BTFError
 from .capabilities import Capabilities
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+
+
+def bpf_dir() -> Path:
+    """Where the BPF C is: the package tracer.bpf when installed (a wheel carries bpf/ under
+    that name; an editable install maps it to the checkout's bpf/), else the checkout's."""
+    try:
+        spec = importlib.util.find_spec("tracer.bpf")
+    except ModuleNotFoundError:
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parents[2] / "bpf"
+
+
+BPF_DIR = bpf_dir()
 HEADER_CACHE = Path(os.environ.get("RST_TRACER_CACHE", "/var/cache/rst-tracer")) / "kernel-headers"
 
 # define name -> (struct, member path); resolved per kernel from BTF
