@@ -70,17 +70,17 @@ def _tuple_from_raw(data: bytes, off: int, end: int):
     return proto, src, sport, dst, dport
 
 
-def parse_ct_destroy(raw: bytes):
-    """A ctnetlink DESTROY message -> ConntrackEntry, or None unless it is a well-formed
-    NATed TCP entry. Hand-parsed: on a NAT box every connection ends with one of these, and
-    a generic netlink decoder costs ~100 µs per message."""
+def parse_ct_entry(raw: bytes):
+    """A ctnetlink event (NEW or DESTROY) -> ConntrackEntry, or None unless it is a
+    well-formed NATed TCP entry. Hand-parsed: a generic netlink decoder costs ~100 µs per
+    message."""
     try:
-        return _parse_ct_destroy(raw)
+        return _parse_ct_entry(raw)
     except (ValueError, struct.error, IndexError):
         return None
 
 
-def _parse_ct_destroy(raw: bytes):
+def _parse_ct_entry(raw: bytes):
     status = timeout = None
     orig = reply = None
     state = ""

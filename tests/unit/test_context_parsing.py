@@ -3,7 +3,7 @@ import struct
 
 from pyroute2.netlink.nfnetlink.nfctsocket import nfct_msg
 
-from tracer.conntrack import parse_ct_destroy
+from tracer.conntrack import parse_ct_entry
 
 IPS_SRC_NAT, IPS_CONFIRMED = 1 << 4, 1 << 3
 
@@ -30,22 +30,22 @@ def destroy_message(status: int, proto: int = 6, v6: bool = False) -> bytes:
 
 
 def test_nat_tcp_entry_is_parsed():
-    e = parse_ct_destroy(destroy_message(IPS_SRC_NAT | IPS_CONFIRMED))
+    e = parse_ct_entry(destroy_message(IPS_SRC_NAT | IPS_CONFIRMED))
     assert str(e.orig) == "10.0.0.2:40000 > 192.0.2.9:443"
     assert str(e.reply) == "192.0.2.9:443 > 192.0.2.1:61000"
     assert e.tcp_state == "ESTABLISHED" and e.timeout == 431999 and e.nat
 
 
 def test_ipv6_entry_is_parsed():
-    e = parse_ct_destroy(destroy_message(IPS_SRC_NAT, v6=True))
+    e = parse_ct_entry(destroy_message(IPS_SRC_NAT, v6=True))
     assert e.orig.src.addr == "fd00::2" and e.reply.dst.port == 61000
 
 
 def test_entries_that_cannot_explain_a_reset_are_skipped():
-    assert parse_ct_destroy(destroy_message(IPS_CONFIRMED)) is None          # not NATed
-    assert parse_ct_destroy(destroy_message(IPS_SRC_NAT, proto=17)) is None  # UDP
+    assert parse_ct_entry(destroy_message(IPS_CONFIRMED)) is None          # not NATed
+    assert parse_ct_entry(destroy_message(IPS_SRC_NAT, proto=17)) is None  # UDP
 
 
 def test_garbage_does_not_raise():
     for raw in (b"", b"\x00" * 19, b"\xff" * 64, destroy_message(IPS_SRC_NAT)[:40]):
-        parse_ct_destroy(raw)
+        parse_ct_entry(raw)

@@ -1,6 +1,8 @@
-"""Netlink monitors, one pair per network namespace: conntrack DESTROY events (the deletions
-that later explain a reset, and who asked for them) and address/link changes (what flushed
+"""Netlink monitors, one pair per network namespace: conntrack events (the deletions that
+later explain a reset and who asked for them; the entries conntrack picked up mid-stream,
+i.e. re-created for the client of a lost entry) and address/link changes (what flushed
 them). A source of events beside the ring buffer, read after it in every loop iteration.
+Classic BPF filters (socket_filters.py) keep everything else in the kernel.
 
 Deliveries are synchronous: the kernel queues a DESTROY on our socket while it deletes the
 entry, before any packet can meet the missing entry. So everything that preceded an event
@@ -20,17 +22,18 @@ from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 from ..clock import Clock
-from ..conntrack import parse_ct_destroy
-from ..events import ADDR_REMOVED, CT_DESTROY, LINK_DOWN, KernelEvent
+from ..conntrack import parse_ct_entry
+from ..events import ADDR_REMOVED, CT_DESTROY, LINK_DOWN, NAT_BINDING, KernelEvent
 from ..netns import in_netns
+from . import socket_filters
 
 log = structlog.get_logger("rst-tracer.netlink")
 
 NETLINK_ROUTE, NETLINK_NETFILTER = 0, 12
-NFNLGRP_CONNTRACK_DESTROY = 3
+NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY = 1, 3
 RTMGRP_LINK, RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR = 0x1, 0x10, 0x100
 RTM_NEWLINK, RTM_DELADDR = 16, 21
-IPCTNL_MSG_CT_DELETE = 2
+IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_DELETE = 0, 2
 IFF_UP = 0x1
 SO_RCVBUFFORCE = 33
 RCVBUF = 8 << 20
@@ -59,7 +62,10 @@ class NetlinkMonitor:
             ct, rt = in_netns(ns_fd, lambda: (
                 socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER),
                 socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_ROUTE)))
-            ct.bind((0, 1 << (NFNLGRP_CONNTRACK_DESTROY - 1)))
+            # filters first: nothing unfiltered is queued once the groups are joined
+            socket_filters.attach(ct, socket_filters.conntrack_filter())
+            socket_filters.attach(rt, socket_filters.route_filter())
+            ct.bind((0, (1 << (NFNLGRP_CONNTRACK_NEW - 1)) | (1 << (NFNLGRP_CONNTRACK_DESTROY - 1))))
             rt.bind((0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
         except OSError as e:
             log.warning("cannot monitor namespace: its conntrack deletions and address changes "
@@ -139,13 +145,18 @@ class NetlinkMonitor:
             off += (length + 3) & ~3
             base = dict(ts=self.clock.wall(now), ts_ns=now, not_before_ns=m.drained_ns, netns=m.inode,
                         flow=None, probe="netlink")
-            if m.kind == "ct" and mtype & 0xFF == IPCTNL_MSG_CT_DELETE:
-                entry = parse_ct_destroy(raw)
-                if entry is not None:
+            if m.kind == "ct" and mtype & 0xFF in (IPCTNL_MSG_CT_DELETE, IPCTNL_MSG_CT_NEW):
+                entry = parse_ct_entry(raw)
+                if entry is None:
+                    continue
+                family = 6 if ":" in entry.orig.src.addr else 4
+                if mtype & 0xFF == IPCTNL_MSG_CT_DELETE:
                     # nlmsg_pid: the netlink port of whoever asked for the deletion, 0 for
                     # the kernel's own (timeouts, masquerade cleanup, early drop)
                     out.append(KernelEvent(kind=CT_DESTROY, ifindex=0, entry=entry, portid=portid,
-                                           family=6 if ":" in entry.orig.src.addr else 4, **base))
+                                           family=family, **base))
+                else:   # picked up mid-stream: the new NAT binding of a flow whose entry was lost
+                    out.append(KernelEvent(kind=NAT_BINDING, ifindex=0, entry=entry, family=family, **base))
             elif m.kind == "rt" and mtype == RTM_DELADDR:
                 msg = ifaddrmsg(raw)
                 msg.decode()
