@@ -13,18 +13,56 @@
 #define TCP_STATE_LISTEN 10     // include/net/tcp_states.h (stable)
 #define FAMILY_INET6 10
 
+// include/uapi/linux/netfilter/nf_conntrack_common.h (stable ABI)
+#define IPS_CONFIRMED (1 << 3)
+#define IPS_SRC_NAT (1 << 4)
+#define IPS_DST_NAT (1 << 5)
+#define IPS_DYING (1 << 9)
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
+#define TCP_STATE_TIME_WAIT 6
+
+// Two lanes. `events` carries what can be a root cause (conntrack's verdicts, NAT bindings,
+// deletions, netfilter drops, resets of segments no connection owns or of NATed flows, new
+// namespaces): never shed, and drained first. `ordinary` carries the ordinary resets and
+// drops (closed ports, application aborts, resets received, listen overflows): in a storm
+// user space stops taking them one by one (lanes[0] = 1) and they are only counted, per
+// namespace, class and local port, in `shed` — as they are when that ring is full — so the
+// totals stay exact whatever is shed.
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
-// Events that found the ring buffer full: read by user space and reported in-band.
+BPF_RINGBUF_OUTPUT(ordinary, ORDINARY_RINGBUF_PAGES);
+// Root-cause events that found their ring full: read by user space and reported in-band.
 BPF_PERCPU_ARRAY(lost_events, u64, 1);
+BPF_ARRAY(lanes, u32, 1);
+struct shed_key {
+    u32 netns;
+    u16 klass;      // CLASS_*
+    u16 port;       // local port; 0 once the table is full
+};
+BPF_HASH(shed, struct shed_key, u64, SHED_ENTRIES);
+// ... and where even the port-less key found no room: per class, exact all the same
+BPF_ARRAY(shed_unkeyed, u64, CLASS_COUNT);
 
 static __always_inline u64 rd64(u64 p) { u64 v = 0; bpf_probe_read_kernel(&v, 8, (void *)p); return v; }
 static __always_inline u32 rd32(u64 p) { u32 v = 0; bpf_probe_read_kernel(&v, 4, (void *)p); return v; }
 static __always_inline u16 rd16(u64 p) { u16 v = 0; bpf_probe_read_kernel(&v, 2, (void *)p); return v; }
 static __always_inline u8 rd8(u64 p) { u8 v = 0; bpf_probe_read_kernel(&v, 1, (void *)p); return v; }
 
-// Events are built in place, in the ring buffer: reserved once the probe knows it will
-// report (a record is too big for the BPF stack next to the headers it copies), then
-// submitted, or discarded on a path that decides otherwise after all.
+// Events are built in place, in a ring buffer: reserved once the probe knows it will report
+// and in which lane (a record is too big for the BPF stack next to the headers it copies).
+static __always_inline void event_init(struct rst_event *e, u32 kind, u16 probe)
+{
+    __builtin_memset(e, 0, sizeof(*e));
+    e->kind = kind;
+    e->probe_id = probe;
+    e->ts_ns = bpf_ktime_get_ns();
+    e->sk_state = 0xff;
+    e->pid = bpf_get_current_pid_tgid() >> 32;
+    bpf_get_current_comm(e->comm, sizeof(e->comm));
+}
+
+// the root-cause lane
 static __always_inline struct rst_event *event_reserve(u32 kind, u16 probe)
 {
     struct rst_event *e = events.ringbuf_reserve(sizeof(struct rst_event));
@@ -35,13 +73,42 @@ static __always_inline struct rst_event *event_reserve(u32 kind, u16 probe)
             (*lost)++;
         return 0;
     }
-    __builtin_memset(e, 0, sizeof(*e));
-    e->kind = kind;
-    e->probe_id = probe;
-    e->ts_ns = bpf_ktime_get_ns();
-    e->sk_state = 0xff;
-    e->pid = bpf_get_current_pid_tgid() >> 32;
-    bpf_get_current_comm(e->comm, sizeof(e->comm));
+    event_init(e, kind, probe);
+    return e;
+}
+
+static __always_inline void count_shed(u32 netns, u16 klass, u16 port)
+{
+    struct shed_key key = {.netns = netns, .klass = klass, .port = port};
+    u64 zero = 0;
+    u64 *n = shed.lookup_or_try_init(&key, &zero);
+    if (!n) {
+        key.port = 0;
+        n = shed.lookup_or_try_init(&key, &zero);
+    }
+    if (n) {
+        __sync_fetch_and_add(n, 1);
+        return;
+    }
+    u32 idx = klass;
+    n = shed_unkeyed.lookup(&idx);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
+// the ordinary lane: NULL when the event is shed (a storm, or the ring is full), counted
+static __always_inline struct rst_event *ordinary_reserve(u32 kind, u16 probe, u32 netns, u16 klass, u16 port)
+{
+    u32 zero = 0;
+    u32 *storm = lanes.lookup(&zero);
+    struct rst_event *e = 0;
+    if (!storm || !*storm)
+        e = ordinary.ringbuf_reserve(sizeof(struct rst_event));
+    if (!e) {
+        count_shed(netns, klass, port);
+        return 0;
+    }
+    event_init(e, kind, probe);
     return e;
 }
 
@@ -50,10 +117,6 @@ static __always_inline void event_submit(struct rst_event *e)
     events.ringbuf_submit(e, 0);
 }
 
-static __always_inline void event_discard(struct rst_event *e)
-{
-    events.ringbuf_discard(e, 0);
-}
 
 static __always_inline u32 netns_of_net(u64 net)
 {
@@ -177,10 +240,78 @@ static __always_inline void fill_from_sock(struct rst_event *e, u64 sk, int tupl
 }
 
 // -- handlers both backends attach as they are ------------------------------------------
-// tcp_receive_reset(sk): a RST arrived on a local socket.
+// What a probe needs to know of a segment before it chooses a lane.
+struct peek {
+    u32 netns;
+    u16 dport;      // the local port, for a segment that arrived
+    u8 flags;
+    u8 nat;         // its conntrack entry is NATed
+};
+
+static __always_inline void peek_segment(u64 skb, struct peek *p)
+{
+    u64 head = rd64(skb + OFF_SKB_HEAD);
+    u16 nh = rd16(skb + OFF_SKB_NETWORK_HEADER);
+    u8 first = rd8(head + nh);
+    u64 th = head + nh + ((first >> 4) == 4 ? (first & 0xf) * 4 : sizeof(struct ipv6hdr));
+    p->flags = rd8(th + 13);
+    p->dport = bpf_ntohs(rd16(th + 2));
+    u64 dev = rd64(skb + OFF_SKB_DEV);
+    p->netns = dev ? netns_of_net(rd64(dev + OFF_NET_DEVICE_ND_NET)) : 0;
+    u64 ct = rd64(skb + OFF_SKB_NFCT) & ~7ULL;
+    p->nat = ct && (rd32(ct + OFF_NF_CONN_STATUS) & (IPS_SRC_NAT | IPS_DST_NAT));
+}
+
+static __always_inline u32 netns_of_sock(u64 sk)
+{
+    return netns_of_net(rd64(sk + OFF_SOCK_SKC_NET));
+}
+
+// A RST this host sends: for the segment skb (sk: the socket that had it, NULL for none), or
+// with no segment, from the socket itself (an abort, the keepalive timer).
+static __always_inline int report_reset_sent(u64 sk, u64 skb, u32 reason, u16 probe)
+{
+    struct peek p = {};
+    u8 state = sk ? rd8(sk + OFF_SOCK_SKC_STATE) : 0xff;
+    u16 klass = CLASS_SOCKET_RESET;
+    int cause = 0;
+    if (skb) {
+        peek_segment(skb, &p);
+        if (p.flags & TCP_FLAG_RST)
+            return 0;   // never answer a reset: tcp_v4_send_reset returns, nothing is sent
+        int syn = (p.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+        // a segment no connection owns (no socket, or only a listener): conntrack may be why
+        cause = p.nat || (!syn && (!sk || state == TCP_STATE_LISTEN));
+        if (!sk && syn)
+            klass = CLASS_NO_LISTENER;
+        else if (state == TCP_STATE_TIME_WAIT)
+            klass = CLASS_TIMEWAIT;
+    } else if (sk) {
+        p.dport = rd16(sk + OFF_SOCK_SKC_NUM);
+    }
+    if (!p.netns && sk)
+        p.netns = netns_of_sock(sk);
+    struct rst_event *e = cause ? event_reserve(KIND_RST_SENT, probe)
+                                : ordinary_reserve(KIND_RST_SENT, probe, p.netns, klass, p.dport);
+    if (!e)
+        return 0;
+    e->reason = reason;
+    e->sk = sk;
+    e->skb = skb;
+    if (skb)
+        fill_from_skb(e, skb);
+    if (sk)
+        fill_from_sock(e, sk, !skb);
+    event_submit(e);
+    return 0;
+}
+
+// tcp_receive_reset(sk): a RST arrived on a local socket (counted by the peer's port: the
+// local one of a client is ephemeral).
 static __always_inline int report_receive_reset(u64 sk, u16 probe)
 {
-    struct rst_event *e = event_reserve(KIND_RST_RECEIVED, probe);
+    struct rst_event *e = ordinary_reserve(KIND_RST_RECEIVED, probe, netns_of_sock(sk), CLASS_PEER_RESET,
+                                           bpf_ntohs(rd16(sk + OFF_SOCK_SKC_DPORT)));
     if (!e)
         return 0;
     e->sk = sk;
@@ -190,12 +321,20 @@ static __always_inline int report_receive_reset(u64 sk, u16 probe)
 }
 
 // kfree_skb(skb, location, reason): a TCP packet dropped for a reason worth attributing
-// (the caller filtered on the reason or, before 5.17, on the call site).
-static __always_inline int report_drop(u64 skb, u64 location, u32 reason, u16 probe)
+// (the caller filtered on the reason or, before 5.17, on the call site). A listen overflow
+// is ordinary; a netfilter drop may be a root cause (NAT clash, table full, INVALID).
+static __always_inline int report_drop(u64 skb, u64 location, u32 reason, u16 probe, int ordinary_drop)
 {
     if (!skb_is_tcp(skb))
         return 0;
-    struct rst_event *e = event_reserve(KIND_SKB_DROPPED, probe);
+    struct rst_event *e;
+    if (ordinary_drop) {
+        struct peek p = {};
+        peek_segment(skb, &p);
+        e = ordinary_reserve(KIND_SKB_DROPPED, probe, p.netns, CLASS_LISTEN_OVERFLOW, p.dport);
+    } else {
+        e = event_reserve(KIND_SKB_DROPPED, probe);
+    }
     if (!e)
         return 0;
     e->reason = reason;

@@ -19,14 +19,8 @@
 
 // probe ids (PROBE_*) and delete reasons (DEL_*): -D defines from tracer/record.py
 
-// include/uapi/linux/netfilter/nf_conntrack_common.h (stable ABI)
-#define IPS_CONFIRMED (1 << 3)
-#define IPS_SRC_NAT (1 << 4)
-#define IPS_DST_NAT (1 << 5)
-#define IPS_DYING (1 << 9)
 #define NF_NAT_MANIP_SRC 0
 #define NETDEV_DOWN 2
-#define TCP_FLAG_RST 0x04
 // a masquerade walk flag older than this is stale (its return probe was missed)
 #define WALK_MAX_NS (30ULL * 1000000000ULL)
 #define MASQ_DETAIL_MAX_NS (120ULL * 1000000000ULL)
@@ -74,24 +68,8 @@ static __always_inline void fill_from_ct(struct rst_event *e, u64 ct)
 // ("never answer a reset"): that is no RST sent, so it is not reported.
 static __always_inline int send_reset(struct pt_regs *ctx, u16 probe)
 {
-    u64 sk = PT_REGS_PARM1(ctx), skb = PT_REGS_PARM2(ctx);
-    struct rst_event *e = event_reserve(KIND_RST_SENT, probe);
-    if (!e)
-        return 0;
-    e->reason = RESET_REASON(ctx, SEND_RESET_REASON_ARG);
-    e->sk = sk;
-    e->skb = skb;
-    if (skb) {
-        fill_from_skb(e, skb);
-        if (e->tcp_flags & TCP_FLAG_RST) {
-            event_discard(e);
-            return 0;
-        }
-    }
-    if (sk)
-        fill_from_sock(e, sk, !skb);
-    event_submit(e);
-    return 0;
+    return report_reset_sent(PT_REGS_PARM1(ctx), PT_REGS_PARM2(ctx), RESET_REASON(ctx, SEND_RESET_REASON_ARG),
+                             probe);
 }
 
 int kp_tcp_v4_send_reset(struct pt_regs *ctx) { return send_reset(ctx, PROBE_TCP_V4_SEND_RESET); }
@@ -103,14 +81,7 @@ int kp_tcp_send_active_reset(struct pt_regs *ctx)
     u64 sk = PT_REGS_PARM1(ctx);
     if (!sk)
         return 0;
-    struct rst_event *e = event_reserve(KIND_RST_SENT, PROBE_TCP_SEND_ACTIVE_RESET);
-    if (!e)
-        return 0;
-    e->reason = RESET_REASON(ctx, ACTIVE_RESET_REASON_ARG);
-    e->sk = sk;
-    fill_from_sock(e, sk, 1);
-    event_submit(e);
-    return 0;
+    return report_reset_sent(sk, 0, RESET_REASON(ctx, ACTIVE_RESET_REASON_ARG), PROBE_TCP_SEND_ACTIVE_RESET);
 }
 
 // -- resets received --------------------------------------------------------------------
@@ -139,12 +110,14 @@ int tp_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
     u64 skb = ctx->args[0];
     u32 reason = 0;
     u16 probe = PROBE_KFREE_SKB;
+    int ordinary_drop = 0;
 #if KFREE_SKB_HAS_REASON
     reason = ctx->args[2];
     u32 idx = reason;
     u8 *wanted = wanted_drop_reasons.lookup(&idx);
     if (!wanted || !*wanted)
         return 0;
+    ordinary_drop = *wanted == 2;
 #else
     u64 loc = ctx->args[1];
     u32 i0 = 0, i1 = 1;
@@ -153,7 +126,7 @@ int tp_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     probe = PROBE_KFREE_SKB_NF_HOOK;
 #endif
-    return report_drop(skb, ctx->args[1], reason, probe);
+    return report_drop(skb, ctx->args[1], reason, probe, ordinary_drop);
 }
 
 // -- conntrack INVALID, with the kernel's reason -----------------------------------------

@@ -11,28 +11,19 @@
 #include "common.h"
 
 // Drop reasons we attribute; everything else is filtered here so ordinary drops cost
-// nothing in user space. Index = enum skb_drop_reason value, filled by the loader.
+// nothing in user space. Index = enum skb_drop_reason value, filled by the loader with the
+// lane: 1 root-cause, 2 ordinary.
 BPF_ARRAY(wanted_drop_reasons, u8, 256);
 
 RAW_TRACEPOINT_PROBE(tcp_send_reset)
 {
     // (const struct sock *sk, const struct sk_buff *skb[, enum sk_rst_reason reason])
-    u64 sk = ctx->args[0], skb = ctx->args[1];
-    struct rst_event *e = event_reserve(KIND_RST_SENT, 0);
-    if (!e)
-        return 0;
-#if TCP_SEND_RESET_ARITY >= 3
-    e->reason = ctx->args[2];
-#endif
-    e->sk = sk;
-    e->skb = skb;
     // skb is the segment that drew the RST (NULL for an active reset from a socket)
-    if (skb)
-        fill_from_skb(e, skb);
-    if (sk)
-        fill_from_sock(e, sk, !skb);
-    event_submit(e);
-    return 0;
+    u32 reason = 0;
+#if TCP_SEND_RESET_ARITY >= 3
+    reason = ctx->args[2];
+#endif
+    return report_reset_sent(ctx->args[0], ctx->args[1], reason, 0);
 }
 
 RAW_TRACEPOINT_PROBE(tcp_receive_reset)
@@ -49,7 +40,7 @@ RAW_TRACEPOINT_PROBE(kfree_skb)
     u8 *wanted = wanted_drop_reasons.lookup(&idx);
     if (!wanted || !*wanted)
         return 0;
-    return report_drop(ctx->args[0], ctx->args[1], reason, 0);
+    return report_drop(ctx->args[0], ctx->args[1], reason, 0, *wanted == 2);
 }
 
 // Addresses of the masquerade notifiers (masq_inet_event, masq_inet6_event,

@@ -1,6 +1,7 @@
 """struct rst_event — the record every probe writes to the ring buffer — and the numbers it
 carries (event kinds, probe ids, deletion reasons), defined once, here.
 
+The numbers the kernel counts shed ordinary events by (Class) are here too.
 The C side gets the struct as a generated header (`#include "record.h"` in bpf/, expanded by
 the loader) and the numbers as -D defines; the decoder unpacks with the struct format made
 from the same table. tests/integration/test_record.py compares every field's offset and size
@@ -62,6 +63,20 @@ class DeleteReason(IntEnum):
     DEVICE = 4
     EARLY_DROP = 5
     OTHER = 6
+
+
+class Class(IntEnum):
+    """What the kernel counts an ordinary event as when it sheds it (struct shed_key.klass),
+    and the cause an aggregate of them reports."""
+    NO_LISTENER = 1      # a SYN to a port nobody listens on
+    TIMEWAIT = 2         # a segment that hit a TIME_WAIT socket
+    SOCKET_RESET = 3     # a socket reset its own connection (abort, keepalive timeout, ...)
+    PEER_RESET = 4       # a RST received on a local socket
+    LISTEN_OVERFLOW = 5  # a handshake dropped: the accept queue was full
+
+
+CLASS_CAUSES = {Class.NO_LISTENER: "no_listener", Class.TIMEWAIT: "timewait", Class.SOCKET_RESET: "socket_reset",
+                Class.PEER_RESET: "peer_reset", Class.LISTEN_OVERFLOW: "listen_overflow"}
 
 
 # (name, C type, array length or 0, what it holds). Every member sits at its natural
@@ -210,9 +225,11 @@ def c_header() -> str:
 
 
 def c_defines() -> dict:
-    """KIND_*, PROBE_* and DEL_* for the compiler."""
+    """KIND_*, PROBE_*, DEL_* and CLASS_* for the compiler."""
     out = {f"KIND_{k.name}": int(k) for k in Kind}
     out.update({f"PROBE_{p.name}": int(p) for p in Probe})
     out.update({f"DEL_{d.name}": int(d) for d in DeleteReason})
+    out.update({f"CLASS_{c.name}": int(c) for c in Class})
+    out["CLASS_COUNT"] = max(Class) + 1
     out["RST_EVENT_SIZE"] = SIZE
     return out

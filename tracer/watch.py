@@ -2,12 +2,14 @@
 -> attribution -> sinks, one direction.
 
 One iteration (`step`):
-1. drain the ring buffer: the probes' events, in kernel order;
+1. drain the ring buffers: the probes' events, each lane in kernel order (the root-cause
+   lane is never shed; ordinary resets are, in a storm: tracer/storm.py);
 2. follow namespaces: births the kernel reported, mount changes, the occasional walk; a new
    namespace gets its netlink monitors at once;
 3. read the netlink monitors. The kernel queues a deletion or an address event on our
    sockets synchronously, when it happens: whatever preceded an event of step 1 is there now;
-4. attribute the netlink facts first, then the ring buffer's events (`order_batch`). A fact
+4. attribute the netlink facts first, then the root-cause lane, then the ordinary lane
+   (`order_batch`). A fact
    read here that happened after a reset of step 1 is harmless: a deletion known to follow a
    reset cannot explain it (its lower time bound), and anything that arrives later still
    (the entry a reset's RST killed on its way back) corrects the verdict it improves.
@@ -33,6 +35,7 @@ from .schema import loss_record, status_record
 from .sources.namespaces import Namespaces
 from .sources.netlink import NetlinkMonitor
 from .sources.ringbuf import RingBuffer
+from .storm import Storm
 from .summary import Summary
 
 log = structlog.get_logger("rst-tracer")
@@ -49,11 +52,11 @@ def process_age() -> float:
     return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
-def order_batch(ring_events: list, monitored: list) -> list:
+def order_batch(cause: list, ordinary: list, monitored: list) -> list:
     """The order one iteration's events are attributed in: the netlink facts (deletions,
-    address and link events, all read after the ring buffer was drained), then the probes'
-    events in kernel order. Births are not attribution events."""
-    return monitored + [ev for ev in ring_events if ev.kind != NETNS_BORN]
+    address and link events, all read after the ring buffers were drained), the root-cause
+    lane, then the ordinary lane, each in kernel order. Births are not attribution events."""
+    return monitored + [ev for ev in cause if ev.kind != NETNS_BORN] + ordinary
 
 
 class Watch:
@@ -71,6 +74,7 @@ class Watch:
         self.context_errors = 0
         self.summary = Summary()
         self._reported: dict = {}         # loss source -> total reported
+        self.storm = Storm(backend, self.host, namespaces.name if namespaces is not None else str)
 
     @classmethod
     def live(cls, backend, btf, sinks: list, vfilter: VerdictFilter, record_path: str = "",
@@ -88,15 +92,19 @@ class Watch:
 
     # -- one iteration -----------------------------------------------------------------
     def step(self, timeout_ms: int = POLL_MS) -> None:
-        ring_events = self.ring.drain(timeout_ms)
-        for ev in ring_events:
+        cause, ordinary = self.ring.drain(timeout_ms)
+        for ev in cause:
             if ev.kind == NETNS_BORN:
                 self.namespaces.born(ev.netns, ev.pid)
         self.namespaces.poll()
         self.follow_namespaces()
-        for ev in order_batch(ring_events, self.monitor.read()):
+        self.storm.taken(len(ordinary))
+        for ev in order_batch(cause, ordinary, self.monitor.read()):
             self._enrich(ev)
             self.attribute(ev)
+        if self.storm.due(time.monotonic()):
+            for record in self.storm.tick(time.monotonic()):
+                self.emit(record)
         for sink in self.sinks:
             sink.flush()
 
@@ -208,6 +216,8 @@ class Watch:
                         refresh()
                     next_loss_check = time.monotonic() + LOSS_CHECK_INTERVAL
             self.step(0)  # what is already queued
+            for record in self.storm.tick(time.monotonic(), final=True):
+                self.emit(record)
             self.report_losses()
         finally:
             self.backend.detach()

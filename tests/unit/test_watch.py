@@ -23,7 +23,7 @@ class ScriptedSource:
     def next(self):
         return self.batches.pop(0) if self.batches else []
 
-    drain = lambda self, timeout_ms=0: self.next()   # noqa: E731  (ring buffer)
+    drain = lambda self, timeout_ms=0: (self.next(), [])   # noqa: E731  (ring buffer: the root-cause lane)
     read = lambda self: self.next()                    # noqa: E731  (netlink monitors)
     lost = lambda self: 0                              # noqa: E731
 
@@ -49,6 +49,9 @@ class FakeNamespaces:
     def fd(self, inode):
         return None
 
+    def name(self, inode):
+        return ""
+
 
 class ListSink:
     def __init__(self):
@@ -62,7 +65,7 @@ class ListSink:
 
 def make_watch(ring_batches, monitor_batches):
     ring, monitor = ScriptedSource(ring_batches), ScriptedSource(monitor_batches)
-    backend = types.SimpleNamespace(known=[], name="tracepoint")
+    backend = types.SimpleNamespace(known=[], name="tracepoint", shed_counts=dict, shed_ordinary=lambda on: None)
     backend.mark_netns_known = backend.known.extend
     enricher = types.SimpleNamespace(enrich=lambda ev: ev)   # recorded events carry their context
     sink = ListSink()

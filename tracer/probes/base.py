@@ -10,8 +10,9 @@ from .btf import BTF
 from .capabilities import Capabilities
 from .loader import compile_program, kernel_defines
 
-# kfree_skb reasons worth a user-space event; every other drop is filtered in the kernel
-WANTED_DROP_REASONS = ("NETFILTER_DROP", "TCP_LISTEN_OVERFLOW")
+# kfree_skb reasons worth a user-space event, and their lane (1: may be a root cause,
+# 2: ordinary); every other drop is filtered in the kernel
+WANTED_DROP_REASONS = {"NETFILTER_DROP": 1, "TCP_LISTEN_OVERFLOW": 2}
 # bpf/common.h, auto-attached by BCC on both backends: namespaces as they are born
 NETNS_PROBES = ["task:task_newtask", "sched:sched_process_exec"]
 
@@ -24,7 +25,7 @@ class Backend:
         self.caps, self.btf = caps, btf
         self.bpf = None
         self.attach_seconds = 0.0
-        self._callback = None
+        self._callbacks = ()
 
     # -- for subclasses ----------------------------------------------------------------
     def defines(self) -> dict:
@@ -50,18 +51,22 @@ class Backend:
         """Fill the kernel's table of wanted skb_drop_reason values (names from BTF)."""
         drop = self.btf.enum("skb_drop_reason")
         table = self.bpf["wanted_drop_reasons"]
-        for name in WANTED_DROP_REASONS:
+        for name, lane in WANTED_DROP_REASONS.items():
             code = drop.get("SKB_DROP_REASON_" + name)
             if code is not None and code < 256:
-                table[ctypes.c_int(code)] = ctypes.c_uint8(1)
+                table[ctypes.c_int(code)] = ctypes.c_uint8(lane)
 
-    def open(self, on_raw) -> None:
-        """Deliver each raw record (bytes) to on_raw from poll()."""
-        def callback(_ctx, data, size):
-            on_raw(ctypes.string_at(data, size))
-            return 0
-        self._callback = callback  # BCC keeps only a weak reference to it
-        self.bpf["events"].open_ring_buffer(callback)
+    def open(self, on_cause, on_ordinary) -> None:
+        """Deliver each raw record (bytes) of the root-cause lane to on_cause and of the
+        ordinary lane to on_ordinary, from poll()."""
+        def lane(on_raw):
+            def callback(_ctx, data, size):
+                on_raw(ctypes.string_at(data, size))
+                return 0
+            return callback
+        self._callbacks = (lane(on_cause), lane(on_ordinary))  # BCC keeps only weak references
+        self.bpf["events"].open_ring_buffer(self._callbacks[0])
+        self.bpf["ordinary"].open_ring_buffer(self._callbacks[1])
 
     def poll(self, timeout_ms: int) -> None:
         self.bpf.ring_buffer_poll(timeout_ms)
@@ -69,6 +74,22 @@ class Backend:
     def lost(self) -> int:
         """Events the kernel could not queue (ring buffer full), since attach."""
         return sum(int(v) for v in self.bpf["lost_events"][ctypes.c_int(0)]) if self.bpf else 0
+
+    def shed_ordinary(self, on: bool) -> None:
+        """Storm: the kernel counts ordinary events instead of sending them one by one."""
+        self.bpf["lanes"][ctypes.c_int(0)] = ctypes.c_uint32(int(on))
+
+    def shed_counts(self) -> dict:
+        """Ordinary events shed since attach: {(netns, class, port): count}; port 0 holds
+        what found the table full (netns 0 too, if even that key found no room)."""
+        table = self.bpf["shed"]
+        # one system call for the whole table where BCC has it (its values come as ints)
+        items = table.items_lookup_batch() if hasattr(table, "items_lookup_batch") else table.items()
+        counts = {(k.netns, k.klass, k.port): int(getattr(v, "value", v)) for k, v in items}
+        for klass, v in self.bpf["shed_unkeyed"].items():
+            if v.value:
+                counts[(0, klass.value, 0)] = int(v.value)
+        return counts
 
     def mark_netns_known(self, inodes) -> None:
         """Namespaces user space watches already: the kernel side reports only others."""

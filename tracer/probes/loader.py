@@ -70,7 +70,9 @@ OFFSETS = {
     "OFF_NSPROXY_NET_NS": ("nsproxy", "net_ns"),
 }
 SIZES = {"SIZEOF_TUPLE_HASH": "nf_conntrack_tuple_hash"}
-RINGBUF_PAGES = 512  # 2 MiB: ~17k events of slack before anything is lost
+RINGBUF_PAGES = 512          # root-cause lane, 2 MiB: ~5k records of slack before one is lost
+ORDINARY_RINGBUF_PAGES = 512  # ordinary lane: what does not fit is counted (shed), not lost
+SHED_ENTRIES = 4096          # (netns, class, port) counters of shed ordinary events
 
 
 class LoadError(Exception):
@@ -86,6 +88,8 @@ def kernel_defines(btf: BTF) -> dict:
     except BTFError as e:
         raise LoadError(str(e)) from e
     defines["RINGBUF_PAGES"] = RINGBUF_PAGES
+    defines["ORDINARY_RINGBUF_PAGES"] = ORDINARY_RINGBUF_PAGES
+    defines["SHED_ENTRIES"] = SHED_ENTRIES
     defines.update(record.c_defines())
     return defines
 
