@@ -192,7 +192,7 @@ def doctor(as_json, verbose, netns, networkd_dirs):
     Checks: kernel window handling, conntrack sysctls (table usage, timeouts, be_liberal),
     MASQUERADE/SNAT without --random-fully (iptables legacy/nft, nft), INVALID packets not
     dropped before the host stack, systemd-networkd DHCP without KeepConfiguration=, and
-    the probe backend. Each finding names its incident and a fix to paste.
+    the probe backend. Each finding names its incident (docs/incidents.md) and a fix to paste.
 
     \b
     Examples:

@@ -1,7 +1,9 @@
 """doctor's pure parts: rule dumps, nft JSON, networkd files, sysctls, kernel versions.
 Samples are real output of iptables 1.8.9 and nft 1.0.6 (Debian 12), trimmed."""
+import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -584,7 +586,7 @@ def test_findings_shape_and_text_output():
     lines = text.splitlines()
     assert lines[1] == "RISK  #2  t — fix: iptables -t nat ..."
     assert lines[2].startswith("info  #1  kernel") and "fix" not in lines[2]
-    assert "exposed to incident(s) 2" in lines[-1]
+    assert "exposed to incident(s) 2" in lines[-1] and "docs/incidents.md" in lines[-1]
     assert "d" in format_text(report, verbose=True).splitlines()[2]
 
 
@@ -605,3 +607,27 @@ def test_doctor_unknown_namespace_is_a_usage_error():
     p = subprocess.run([sys.executable, "-m", "tracer", "doctor", "--netns", "/etc/hostname"],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode == 2 and "not a network namespace" in p.stderr
+
+
+# -- documents the operator is sent to ---------------------------------------------------------
+
+# a repository path: under one of the top directories, or any *.md file
+DOC_PATH = re.compile(r"(?<![\w/.-])((?:\.ci|bpf|tracer|scripts|tests|deploy|vagrant|docs|bench)/[\w./*-]*[\w*]"
+                      r"|[\w.-]+\.md)\b")
+
+
+def test_every_path_the_readme_docs_and_doctor_mention_exists():
+    sources = [os.path.join(ROOT, "README.md"), os.path.join(ROOT, "tracer", "cli.py")]
+    sources += glob.glob(os.path.join(ROOT, "docs", "*.md")) + glob.glob(os.path.join(ROOT, "tracer", "doctor", "*.py"))
+    missing = []
+    for src in sources:
+        with open(src) as f:
+            text = f.read()
+        for m in DOC_PATH.finditer(text):
+            if not glob.glob(os.path.join(ROOT, m.group(1))):
+                missing.append(f"{os.path.relpath(src, ROOT)}: {m.group(1)}")
+    assert not missing
+    # the incidents doctor's findings are numbered by
+    with open(os.path.join(ROOT, "docs", "incidents.md")) as f:
+        headings = re.findall(r"^## (\d)\. ", f.read(), re.M)
+    assert headings == ["1", "2", "3", "4"]

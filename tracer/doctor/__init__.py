@@ -1,5 +1,5 @@
 """`rst-tracer doctor`: is this host (or a given network namespace) exposed to the
-incidents of INCIDENTS.md, and will the tracer run here?
+incidents of docs/incidents.md, and will the tracer run here?
 
     kernel.py     check 1  window handling of the running kernel          (pure)
     conntrack.py  check 2  conntrack sysctls of the namespace             (pure)
@@ -90,7 +90,7 @@ def format_text(report: dict, verbose: bool = False) -> str:
     risks = sum(1 for f in report["findings"] if f["severity"] == RISK)
     if risks:
         lines.append(f"{risks} risk(s)" + (f"; exposed to incident(s) {', '.join(map(str, exp))} "
-                                          "(see INCIDENTS in the README)" if exp else ""))
+                                          "(see docs/incidents.md)" if exp else ""))
     else:
         lines.append("no risk found")
     return "\n".join(lines)

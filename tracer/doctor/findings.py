@@ -11,7 +11,7 @@ SEVERITIES = (RISK, INFO, OK)
 @dataclass
 class Finding:
     id: str                    # stable, dotted: "nat.random_fully"
-    incident: Optional[int]    # 1..4 of INCIDENTS.md, None for related causes
+    incident: Optional[int]    # 1..4 of docs/incidents.md, None for related causes
     severity: str              # risk | info | ok
     title: str
     detail: str                # what was observed, with the values
