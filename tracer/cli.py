@@ -246,43 +246,34 @@ def replay(path, as_json, verbose):
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument("paths", nargs=-1)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def summary(paths, as_json):
     """Counts by cause and namespace over a run.
 
     Reads JSON lines from `watch --json` (files, or - for stdin) or recordings from
-    `watch --record` (replayed).
+    `watch --record` (replayed). An input that cannot be read (or read to its end) is one
+    error line, after the counts of everything that could be read; exit status 1.
 
     \b
     Examples:
       rst-tracer watch --json --duration 600 > run.jsonl; rst-tracer summary run.jsonl
       rst-tracer summary run.rec
     """
-    from .recording import FORMAT, RecordingError
-    from .replay import replay_verdicts
-    from .summary import Summary
+    from .summary import InputError, Summary
 
-    total = Summary()
+    total, errors = Summary(), []
     for path in paths or ("-",):
-        stream = click.open_file(path, "rb")
-        head = stream.peek(64)[:64] if hasattr(stream, "peek") else b""
-        if FORMAT.encode() in head:
-            stream.close()
-            try:
-                for record in replay_verdicts(path):
-                    total.add(record)
-            except RecordingError as e:
-                raise Failure(str(e)) from None
-            continue
-        for n, line in enumerate(stream, 1):
-            if not line.strip():
-                continue
-            try:
-                total.add(json.loads(line))
-            except (ValueError, KeyError) as e:
-                raise Failure(f"{path}:{n}: not a rst-tracer JSON record ({e.__class__.__name__})") from None
+        try:
+            total.add_input(path)
+        except InputError as e:
+            errors.append(str(e))
     click.echo(json.dumps(total.to_dict(), indent=2) if as_json else total.format())
+    if errors:
+        sys.stdout.flush()
+        for error in errors:
+            click.echo(f"rst-tracer: error: {error}", err=True)
+        sys.exit(EXIT_FAILURE)
 
 
 def main(argv=None) -> None:

@@ -2,7 +2,13 @@
 prints and what `watch` reports when it detaches."""
 from __future__ import annotations
 
+import json
+import sys
 from collections import Counter, defaultdict
+
+
+class InputError(Exception):
+    """An input of `summary` that cannot be read (further); one line for the operator."""
 
 
 class Summary:
@@ -15,12 +21,23 @@ class Summary:
     def add(self, record: dict) -> None:
         kind = record.get("type")
         if kind == "verdict":
-            self.verdicts += 1
+            cause, direction = record["cause"], record["direction"]   # both before counting
             ns = record.get("netns_name") or str(record.get("netns"))
-            self.by_cause_netns[record["cause"]][ns] += 1
-            self.by_direction[record["direction"]] += 1
+            self.verdicts += 1
+            self.by_cause_netns[cause][ns] += 1
+            self.by_direction[direction] += 1
         elif kind == "loss":
-            self.lost[record["source"]] += record["lost"]
+            self.lost[record["source"]] += int(record["lost"])
+
+    def add_input(self, path: str) -> None:
+        """Counts every good record of one input (see read_records); raises InputError at
+        the first one that cannot be counted, the records before it counted."""
+        for where, record in read_records(path):
+            try:
+                self.add(record)
+            except (KeyError, TypeError, AttributeError) as e:
+                raise InputError(f"{where}: malformed {record.get('type')} record "
+                                 f"({e.__class__.__name__}: {e})") from None
 
     def to_dict(self) -> dict:
         return {"verdicts": self.verdicts,
@@ -38,3 +55,43 @@ class Summary:
         if self.lost:
             lines.append("lost events: " + ", ".join(f"{s} {n}" for s, n in self.lost.items()))
         return "\n".join(lines)
+
+
+def read_records(path: str):
+    """(where, record) of one input of `summary`: JSON lines from `watch --json` (a file, or
+    "-" for stdin; where = "path:line") or a recording from `watch --record` (replayed;
+    where = path). Raises InputError where the input cannot be read, after yielding every
+    good record before that point."""
+    from .recording import FORMAT, RecordingError
+    from .replay import replay_verdicts
+
+    try:
+        stream = sys.stdin.buffer if path == "-" else open(path, "rb")
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror}") from None
+    name, n = "stdin" if path == "-" else path, 0
+    try:
+        if FORMAT.encode() in stream.peek(64)[:64]:
+            if path == "-":
+                raise InputError("a recording cannot be read from stdin: name the file")
+            try:
+                for record in replay_verdicts(path):
+                    yield path, record
+            except RecordingError as e:
+                raise InputError(str(e)) from None
+            return
+        for n, line in enumerate(stream, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:   # UnicodeDecodeError included
+                raise InputError(f"{name}:{n}: not JSON ({e.__class__.__name__})") from None
+            if not isinstance(record, dict) or "type" not in record or "schema_version" not in record:
+                raise InputError(f"{name}:{n}: not a rst-tracer record (no type and schema_version)")
+            yield f"{name}:{n}", record
+    except OSError as e:    # a directory opens, and fails on the first read; so does a bad disk
+        raise InputError(f"cannot read {name}{f' after line {n}' if n else ''}: {e.strerror}") from None
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()

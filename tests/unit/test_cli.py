@@ -1,4 +1,5 @@
 """The CLI as an operator meets it: one-line errors, exit codes, nothing lost."""
+import json
 import os
 import shutil
 import subprocess
@@ -63,3 +64,53 @@ def test_replay_of_a_foreign_file(tmp_path):
 def test_help_has_examples():
     p = rst("watch", "--help")
     assert p.returncode == 0 and "Examples:" in p.stdout and "--port" in p.stdout
+
+
+# -- summary: every bad input is one line, after the summary of the good ones ----------------
+
+GOOD = ('{"type":"verdict","schema_version":1,"id":"h-1-1","cause":"no_listener","netns":1,'
+        '"netns_name":"a","direction":"sent"}\n')
+
+
+def bad_inputs(tmp_path) -> dict:
+    (tmp_path / "garbled.jsonl").write_text(GOOD + '{"type":"verdict"\n')
+    (tmp_path / "array.jsonl").write_text("[1, 2]\n")
+    (tmp_path / "foreign.jsonl").write_text('{"hello": "world"}\n')
+    (tmp_path / "binary.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe" * 8)
+    (tmp_path / "verdict-without-cause.jsonl").write_text('{"type":"verdict","schema_version":1}\n')
+    (tmp_path / "adir").mkdir()
+    return {"missing": str(tmp_path / "nonexistent"), "directory": str(tmp_path / "adir"),
+            **{p.stem: str(p) for p in tmp_path.glob("*.jsonl")}}
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "garbled", "array", "foreign", "binary",
+                                  "verdict-without-cause"])
+def test_summary_of_a_bad_input_is_one_line_and_exit_1(tmp_path, kind):
+    path = bad_inputs(tmp_path)[kind]
+    p = rst("summary", path)
+    assert p.returncode == 1, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rst-tracer: error:") and path in lines[0], p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_summary_prints_the_good_inputs_then_one_line_per_bad_one(tmp_path):
+    inputs = bad_inputs(tmp_path)
+    good = tmp_path / "good.jsonl"
+    good.write_text(GOOD * 3)
+    p = rst("summary", "--json", str(good), inputs["missing"], inputs["garbled"], inputs["directory"])
+    assert p.returncode == 1
+    # the three good records, and the good line before the garbled one
+    assert json.loads(p.stdout)["verdicts"] == 4
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("rst-tracer: error:") for line in lines), p.stderr
+    assert inputs["missing"] in lines[0] and f"{inputs['garbled']}:2" in lines[1] and inputs["directory"] in lines[2]
+
+
+def test_summary_of_a_truncated_recording_keeps_its_good_part(fixtures, tmp_path):
+    data = (fixtures / "invalid-window.rec").read_bytes()
+    cut = tmp_path / "cut.rec"
+    cut.write_bytes(data[: len(data) - 40])
+    p = rst("summary", "--json", str(cut))
+    assert p.returncode == 1 and json.loads(p.stdout)["verdicts"] == 3
+    assert len(p.stderr.strip().splitlines()) == 1 and "offset" in p.stderr and "Traceback" not in p.stderr
