@@ -56,6 +56,24 @@ def nat_tuples(entry) -> dict:
     return {"inside": entry.orig.to_dict(), "outside": entry.reply.reversed().to_dict()}
 
 
+def invalid_delta_evidence(delta: Optional[dict], where: str) -> list:
+    if not delta or delta.get("invalid") is None:
+        return []
+    return [Evidence("ct_invalid_delta", f"conntrack 'invalid' counter rose by {delta['invalid']} "
+                     f"in {where} since the tracer started watching it", delta["invalid"])]
+
+
+def invalid_verdict_evidence(verdict: Optional[KernelEvent]) -> list:
+    """kprobe backend: conntrack's own words and the window it compared against."""
+    if verdict is None:
+        return []
+    return [Evidence("invalid_reason", f"conntrack: {verdict.invalid_reason}",
+                     {"reason": verdict.invalid_reason, "seq": verdict.seq, "ack": verdict.ack,
+                      "len": verdict.payload_len}),
+            Evidence("tcp_window", "conntrack's window state of the flow (td_end, td_maxend, "
+                     "td_maxwin, td_scale per direction)", verdict.ct_window)]
+
+
 class Rule:
     cause = ""
     root_cause = False   # findings of this rule are remembered to explain later resets
@@ -93,12 +111,6 @@ class ConntrackInvalidUnnat(Rule):
                 return self._dnat_side(ev, hit, state)
         return None
 
-    def _invalid_evidence(self, delta: Optional[dict], where: str) -> list:
-        if not delta or delta.get("invalid") is None:
-            return []
-        return [Evidence("ct_invalid_delta", f"conntrack 'invalid' counter rose by {delta['invalid']} "
-                         f"in {where} since the tracer started watching it", delta["invalid"])]
-
     def _snat_side(self, ev, ct, state):
         inside, outside = ct.orig, ct.reply.reversed()
         delta = ev.context.ct_stats_delta
@@ -108,9 +120,9 @@ class ConntrackInvalidUnnat(Rule):
             Evidence("nat_entry", f"a NAT conntrack entry exists whose reply tuple is exactly this "
                      f"segment: inside {inside}, NATed {outside} ({ct.tcp_state})", ct.to_dict()),
             segment_evidence(ev), reason_evidence(ev, "this host's stack with no socket"),
-        ] + self._invalid_evidence(delta, "this namespace")
+        ] + invalid_delta_evidence(delta, "this namespace")
         verdict = state.invalid_for(ev.netns, ev.flow)
-        evidence += self._kernel_verdict_evidence(verdict)
+        evidence += invalid_verdict_evidence(verdict)
         return Finding(
             self.cause,
             f"conntrack marked a segment of NATed flow {inside} INVALID "
@@ -118,17 +130,6 @@ class ConntrackInvalidUnnat(Rule):
             f"not de-NATed and this host answered RST on {outside}",
             "high" if (delta.get("invalid") or verdict) else "medium", evidence, self.REMEDY,
             nat=nat_tuples(ct), keys=[inside.endpoints(), outside.endpoints()])
-
-    @staticmethod
-    def _kernel_verdict_evidence(verdict) -> list:
-        """kprobe backend: conntrack's own words and the window it compared against."""
-        if verdict is None:
-            return []
-        return [Evidence("invalid_reason", f"conntrack: {verdict.invalid_reason}",
-                         {"reason": verdict.invalid_reason, "seq": verdict.seq, "ack": verdict.ack,
-                          "len": verdict.payload_len}),
-                Evidence("tcp_window", "conntrack's window state of the flow (td_end, td_maxend, "
-                         "td_maxwin, td_scale per direction)", verdict.ct_window)]
 
     def _dnat_side(self, ev, hit, state):
         ct = hit["entry"]
@@ -139,8 +140,8 @@ class ConntrackInvalidUnnat(Rule):
                      f"namespace {hit['netns_name'] or hit['netns']}: it was forwarded without its "
                      f"source being translated back", {"router_netns": hit["netns"], "entry": ct.to_dict()}),
             segment_evidence(ev), reason_evidence(ev, "the client, which has no socket for the backend's address"),
-        ] + self._invalid_evidence(delta, f"the router namespace {hit['netns_name'] or hit['netns']}")
-        evidence += self._kernel_verdict_evidence(verdict)
+        ] + invalid_delta_evidence(delta, f"the router namespace {hit['netns_name'] or hit['netns']}")
+        evidence += invalid_verdict_evidence(verdict)
         return Finding(
             self.cause,
             f"conntrack in {hit['netns_name'] or hit['netns']} marked a reply of {ct.orig} INVALID; "
@@ -353,8 +354,33 @@ class SnatPortClash(Rule):
                        keys=[ct.orig.endpoints()])
 
 
+def netfilter_drop(ev: KernelEvent) -> bool:
+    return ev.kind == SKB_DROPPED and ev.reason == "NETFILTER_DROP"
+
+
+# skb->_nfct & 7 of a packet a `-j CT --notrack` / NOTRACK rule exempted from conntrack
+# (enum ip_conntrack_info: IP_CT_UNTRACKED = IP_CT_NUMBER = 7)
+IP_CT_UNTRACKED = 7
+# a dropped SYN is blamed on a full table only when the namespace's table is this full
+TABLE_FULL_RATIO = 0.9
+
+
+def drop_evidence(ev: KernelEvent, text: str, **value) -> Evidence:
+    return Evidence("drop", f"kfree_skb NETFILTER_DROP at {ev.location or '?'}: {text}",
+                    dict(value, reason=ev.reason, location=ev.location))
+
+
 class ConntrackTableFull(Rule):
-    """New flows dropped because the conntrack table is full: the SYN never got an entry."""
+    """New flows dropped because the conntrack table is full: the SYN never got an entry.
+    What the kernel does (nf_conntrack_core.c, 6.1-6.18): __nf_conntrack_alloc() refuses a
+    new entry when the namespace's count exceeds nf_conntrack_max (host-wide; read-only in
+    other namespaces) and early_drop() finds no unassured entry to evict ("table full,
+    dropping packet"); nf_conntrack_in() then counts `drop` and drops the SYN. So it shows
+    as a `drop` rise with the table at its max. `drop` alone is no proof: a SNAT clash at
+    confirm counts `drop` and `insert_failed` together (snat_port_clash), an allocation
+    failure or the TCP tracker's own drop count it too, and the counter is a rise since the
+    tracer started watching. `early_drop` counts evictions that made room (the packet
+    lived): shown, not required."""
     cause = "conntrack_table_full"
     root_cause = True
     REMEDY = Remedy("Raise the conntrack table size (and its hash size), or find what fills it "
@@ -363,57 +389,93 @@ class ConntrackTableFull(Rule):
                      "echo <max/4> > /sys/module/nf_conntrack/parameters/hashsize"])
 
     def explain(self, ev, state):
-        if not (ev.kind == SKB_DROPPED and ev.reason == "NETFILTER_DROP" and ev.is_syn and not ev.has_ct):
+        if not (netfilter_drop(ev) and ev.is_syn and not ev.has_ct and ev.ctinfo != IP_CT_UNTRACKED):
             return None
-        ctx = ev.context
-        full = ctx.ct_count is not None and ctx.ct_max and ctx.ct_count >= ctx.ct_max * 0.9
-        delta = ctx.ct_stats_delta
+        ctx, delta = ev.context, ev.context.ct_stats_delta
+        refused = delta.get("drop", 0) - delta.get("insert_failed", 0)   # drops that were no clash
+        if not (refused > 0 and ctx.ct_count is not None and ctx.ct_max
+                and ctx.ct_count >= ctx.ct_max * TABLE_FULL_RATIO):
+            return None
         evidence = [segment_evidence(ev),
                     Evidence("no_conntrack", f"SYN dropped by netfilter at {ev.location or '?'} before it "
                              "got a conntrack entry", {"has_ct": False}),
-                    Evidence("table", f"conntrack table holds {ctx.ct_count} of {ctx.ct_max} entries",
-                             {"count": ctx.ct_count, "max": ctx.ct_max})]
-        if delta:
-            evidence.append(Evidence("drop_counters", f"conntrack drop +{delta.get('drop')}, "
-                                     f"early_drop +{delta.get('early_drop')}", delta))
-        confidence = "high" if (full or delta.get("drop")) else "low"
-        return Finding(self.cause, f"SYN {ev.flow} dropped: conntrack table full "
-                       f"({ctx.ct_count}/{ctx.ct_max})", confidence, evidence, self.REMEDY,
-                       keys=[ev.flow.endpoints()])
+                    Evidence("table", f"conntrack table of this namespace holds {ctx.ct_count} of "
+                             f"{ctx.ct_max} entries", {"count": ctx.ct_count, "max": ctx.ct_max}),
+                    Evidence("drop_counters", f"conntrack counters of this namespace since the tracer "
+                             f"started watching it: drop +{delta['drop']}, insert_failed "
+                             f"+{delta.get('insert_failed', 0)} (a SNAT clash counts in both), early_drop "
+                             f"+{delta.get('early_drop', 0)}", delta)]
+        return Finding(self.cause, f"SYN {ev.flow} dropped: conntrack table full ({ctx.ct_count}/"
+                       f"{ctx.ct_max} entries; {refused} packets dropped by conntrack itself)", "high",
+                       evidence, self.REMEDY, keys=[ev.flow.endpoints()])
 
 
 class InvalidSegmentDropped(Rule):
-    """A netfilter rule dropped a TCP segment that had no conntrack reference: conntrack
-    found it INVALID and a DROP INVALID rule (the incident-1 remedy) did its job."""
+    """A netfilter rule dropped a TCP segment conntrack had found INVALID (skb->_nfct 0):
+    a DROP INVALID rule (the incident-1 remedy) did its job. Needs conntrack's word for
+    it: the `invalid` counter rose in that namespace or (kprobe backend) conntrack's
+    INVALID message for this very segment; without it, see FirewallDrop."""
     cause = "conntrack_invalid_dropped"
     REMEDY = Remedy("Nothing to fix: an INVALID segment was dropped instead of drawing a RST. "
                     "Frequent drops mean heavy reordering or loss on the path.")
 
     def explain(self, ev, state):
-        if not (ev.kind == SKB_DROPPED and ev.reason == "NETFILTER_DROP" and not ev.has_ct
-                and not ev.is_syn):
+        if not (netfilter_drop(ev) and not ev.has_ct and not ev.is_syn and ev.ctinfo != IP_CT_UNTRACKED):
             return None
-        return Finding(self.cause, f"INVALID segment {ev.flow} dropped by a netfilter rule (no RST sent)",
-                       "medium", [segment_evidence(ev),
-                                  Evidence("drop", f"kfree_skb NETFILTER_DROP at {ev.location}, no conntrack reference",
-                                           {"reason": ev.reason, "location": ev.location})],
+        delta = ev.context.ct_stats_delta
+        verdict = state.invalid_for(ev.netns, ev.flow)
+        if not (delta.get("invalid") or verdict):
+            return None
+        why = f" ({verdict.invalid_reason})" if verdict else ""
+        return Finding(self.cause, f"INVALID segment {ev.flow}{why} dropped by a netfilter rule (no RST sent)",
+                       "high" if verdict else "medium",
+                       [segment_evidence(ev), drop_evidence(ev, "no conntrack reference")]
+                       + invalid_delta_evidence(delta, "this namespace") + invalid_verdict_evidence(verdict),
                        self.REMEDY)
 
 
 class FirewallDrop(Rule):
-    """A tracked packet dropped by a netfilter rule: policy, not conntrack."""
+    """A packet dropped by netfilter that no conntrack cause explains: policy. Either it was
+    tracked (a rule dropped a packet of a known flow), or it had no conntrack entry and
+    conntrack gave no sign of refusing it (no full table, no INVALID count): a rule ahead of
+    conntrack (the raw table, an nft chain with priority below -200) or a rule dropping a
+    packet a NOTRACK rule exempted."""
     cause = "firewall_drop"
     REMEDY = Remedy("A firewall rule dropped this packet; check the rules of that namespace.",
                     ["iptables -S; nft list ruleset"])
+    REMEDY_UNTRACKED = Remedy("Netfilter dropped this packet before conntrack tracked it: look for a "
+                              "DROP in the raw table (or an nft chain hooked before conntrack, priority "
+                              "< -200), or a rule dropping untracked packets (NOTRACK / --ctstate UNTRACKED), "
+                              "in that namespace.",
+                              ["iptables -t raw -S", "iptables -S | grep -i -e untracked -e notrack",
+                               "nft list ruleset"])
 
     def explain(self, ev, state):
-        if not (ev.kind == SKB_DROPPED and ev.reason == "NETFILTER_DROP" and ev.has_ct):
+        if not netfilter_drop(ev):
             return None
-        return Finding(self.cause, f"packet {ev.flow} dropped by a netfilter rule", "medium",
-                       [segment_evidence(ev), Evidence("drop", f"kfree_skb NETFILTER_DROP at {ev.location}",
-                                                       {"location": ev.location,
-                                                        "ct_status": ct_status_names(ev.ct_status)})],
-                       self.REMEDY)
+        if ev.has_ct:
+            return Finding(self.cause, f"packet {ev.flow} dropped by a netfilter rule", "medium",
+                           [segment_evidence(ev),
+                            drop_evidence(ev, "a tracked packet", ct_status=ct_status_names(ev.ct_status))],
+                           self.REMEDY)
+        what = "SYN" if ev.is_syn else "segment"
+        evidence = [segment_evidence(ev)]
+        if ev.ctinfo == IP_CT_UNTRACKED:
+            evidence.append(drop_evidence(ev, "the packet was marked untracked (NOTRACK)", ctinfo=ev.ctinfo))
+            return Finding(self.cause, f"{what} {ev.flow} dropped by a netfilter rule; a NOTRACK rule had "
+                           f"exempted it from conntrack", "medium", evidence, self.REMEDY_UNTRACKED)
+        evidence.append(drop_evidence(ev, "no conntrack reference", ctinfo=ev.ctinfo))
+        ctx, delta = ev.context, ev.context.ct_stats_delta
+        quiet = bool(delta) and not delta.get("drop") and not delta.get("invalid")
+        if delta:
+            table = f"{ctx.ct_count} of {ctx.ct_max}" if ctx.ct_max else f"{ctx.ct_count}"
+            evidence.append(Evidence("conntrack_counters", f"since the tracer started watching this "
+                                     f"namespace, conntrack dropped {delta.get('drop')} packets and found "
+                                     f"{delta.get('invalid')} INVALID; its table holds {table} entries",
+                                     {"count": ctx.ct_count, "max": ctx.ct_max, "rise": delta}))
+        return Finding(self.cause, f"{what} {ev.flow} dropped by netfilter before conntrack tracked it "
+                       f"(no conntrack entry{'; conntrack counted no drop and no INVALID packet' if quiet else ''})",
+                       "medium" if quiet else "low", evidence, self.REMEDY_UNTRACKED)
 
 
 # -- ordinary resets -------------------------------------------------------------------
