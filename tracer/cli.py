@@ -103,7 +103,8 @@ class ListenParam(click.ParamType):
 @click.option("--metrics", "metrics", type=ListenParam(),
               help="Serve Prometheus metrics on ADDR:PORT (e.g. 127.0.0.1:9464; :9464 for all).")
 @click.option("--netns", "netns", multiple=True, type=NetnsParam(),
-              help="Only this network namespace (inode or name as in `ip netns`); repeatable.")
+              help="Only this network namespace (inode, or name as in `ip netns`: one created later is "
+                   "matched once it appears); repeatable.")
 @click.option("--port", "ports", multiple=True, type=click.IntRange(1, 65535),
               help="Only flows with this port on any side (inside or NATed); repeatable.")
 @click.option("--host", "hosts", multiple=True, type=HostParam(),
@@ -127,11 +128,16 @@ def watch(as_json, verbose, outputs, metrics, netns, ports, hosts, backend, reco
       rst-tracer watch --output 'fluent:127.0.0.1:24224?tag=rst-tracer&ack=true'
     """
     configure_logging(verbose)
-    from .filters import VerdictFilter
+    from .filters import VerdictFilter, check_netns
     from .probes import capabilities
 
     if not capabilities.is_privileged():
         raise Failure("must run as root (or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN) to load BPF programs")
+    try:   # after the privilege check: only then are all namespaces visible
+        for warning in check_netns(netns):
+            click.echo(f"rst-tracer: warning: {warning}", err=True)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--netns") from None
     caps = capabilities.detect()
     chosen, why = capabilities.choose_backend(caps, backend)
     if not chosen:

@@ -5,6 +5,29 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+# the name verdicts give the host's (PID 1's) namespace; not a file under /run/netns
+HOST_NETNS_NAME = "host"
+
+
+def check_netns(specs) -> list:
+    """Checks --netns values before anything is attached: an inode must name a namespace
+    that exists (ValueError otherwise: a typo would watch nothing, silently); a name is
+    matched against each verdict's netns_name, which follows /run/netns as namespaces come
+    and go, so one that does not exist yet only gets a warning. Returns the warnings."""
+    from .doctor.host import TargetError, resolve_target
+
+    warnings = []
+    for spec in specs:
+        try:
+            resolve_target(str(spec))
+        except TargetError as e:
+            if isinstance(spec, int):
+                raise ValueError(str(e)) from None
+            if spec != HOST_NETNS_NAME:
+                warnings.append(f"namespace {spec!r} does not exist yet: verdicts in it will be "
+                                "shown if it appears under /run/netns")
+    return warnings
+
 
 @dataclass
 class VerdictFilter:

@@ -184,3 +184,35 @@ def test_host_namespace_is_only_read(tmp_path):
     assert "matches interface lo" in nd[0]["detail"]
     assert 4 in report["exposed_incidents"] and p.returncode == 1
     assert _root_state() == before
+
+
+# -- watch --netns agrees with doctor --netns -----------------------------------------------------
+
+def connect_to_closed_port(ns: str) -> None:
+    """A SYN to a port nobody listens on, over the namespace's loopback: one no_listener."""
+    subprocess.run(["ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up"], check=True)
+    code = ("import socket\ntry:\n socket.create_connection(('127.0.0.1', 9), timeout=2)\n"
+            "except ConnectionRefusedError:\n pass\nelse:\n raise SystemExit('port 9 answered')\n")
+    subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], check=True, timeout=30)
+
+
+def test_watch_netns_name_created_after_start_is_watched_when_it_appears():
+    from tracer.lab.harness import TracerProcess
+
+    with NatLab() as lab:
+        late = f"rstlab-{lab.lab_id}-late"
+        tracer = TracerProcess("--netns", lab.cli, "--netns", late)
+        try:
+            tracer.start()
+            subprocess.run(["ip", "netns", "add", late], check=True)
+            for ns in (late, lab.cli, lab.srv):      # srv is not asked for
+                connect_to_closed_port(ns)
+        finally:
+            tracer.stop()
+            subprocess.run(["ip", "netns", "del", late], capture_output=True)
+        warnings = [line for line in tracer.stderr.splitlines() if "warning" in line]
+        assert warnings == [f"rst-tracer: warning: namespace {late!r} does not exist yet: verdicts in it "
+                            "will be shown if it appears under /run/netns"], tracer.stderr
+        shown = {(r["netns_name"], r["cause"]) for r in tracer.records if r["type"] in ("verdict", "correction")}
+        assert {ns for ns, _ in shown} == {lab.cli, late}, shown
+        assert {(lab.cli, "no_listener"), (late, "no_listener")} <= shown

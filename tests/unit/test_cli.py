@@ -1,4 +1,5 @@
 """The CLI as an operator meets it: one-line errors, exit codes, nothing lost."""
+import glob
 import json
 import os
 import shutil
@@ -114,3 +115,21 @@ def test_summary_of_a_truncated_recording_keeps_its_good_part(fixtures, tmp_path
     p = rst("summary", "--json", str(cut))
     assert p.returncode == 1 and json.loads(p.stdout)["verdicts"] == 3
     assert len(p.stderr.strip().splitlines()) == 1 and "offset" in p.stderr and "Traceback" not in p.stderr
+
+
+# -- watch --netns: the namespace is checked before anything is attached ----------------------
+
+def unused_inode() -> int:
+    used = {os.stat(p).st_ino for p in glob.glob("/proc/[0-9]*/ns/net") + glob.glob("/run/netns/*")
+            if os.path.exists(p)}
+    return next(n for n in range(4026539999, 4026530000, -1) if n not in used)
+
+
+@pytest.mark.root
+def test_watch_netns_inode_of_no_namespace_is_a_usage_error():
+    inode = unused_inode()
+    p = rst("watch", "--json", "--netns", str(inode), "--duration", "1")
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rst-tracer: error:") and "--netns" in lines[0]
+    assert str(inode) in lines[0] and p.stdout == ""     # refused before attaching: no status record
