@@ -406,7 +406,7 @@ class ConntrackTableFull(Rule):
                              f"+{delta.get('insert_failed', 0)} (a SNAT clash counts in both), early_drop "
                              f"+{delta.get('early_drop', 0)}", delta)]
         return Finding(self.cause, f"SYN {ev.flow} dropped: conntrack table full ({ctx.ct_count}/"
-                       f"{ctx.ct_max} entries; {refused} packets dropped by conntrack itself)", "high",
+                       f"{ctx.ct_max} entries; conntrack's own drops: {refused})", "high",
                        evidence, self.REMEDY, keys=[ev.flow.endpoints()])
 
 
