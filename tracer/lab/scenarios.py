@@ -891,7 +891,68 @@ def timewait(lab: NatLab) -> Outcome:
         "duration": time.monotonic() - t_start})
 
 
+RAW_DROP_SYN_PORT, RAW_DROP_DATA_PORT, RAW_DROP_NOTRACK_PORT = 8086, 8087, 8088
+
+
+def _router_dropped(sn: Sniffers, inside: dict, since: float) -> int:
+    """Segments of `inside` the router received from the client since `since` and did not
+    forward to the server."""
+    segs = [s for s in sn.segments("nat") if s["ts"] >= since and s["dport"] == inside["dport"]]
+    came = [s for s in segs if s["iface"] == "n1" and s["dir"] == "in" and s["src"] == inside["src"]
+            and s["sport"] == inside["sport"]]
+    left = {(s["seq"], s["len"]) for s in segs if s["iface"] == "n2" and s["dir"] == "out"}
+    return sum((s["seq"], s["len"]) not in left for s in came)
+
+
+def raw_drop(lab: NatLab, connect_timeout: float = 1.5, data_drops: int = 2) -> Outcome:
+    """Ordinary drops that conntrack has no part in: the router's firewall drops packets it
+    never tracked. (a) A raw-table DROP (ahead of conntrack) of new connections' SYNs;
+    (b) the same of an established connection's data segments (retransmitted, dropped
+    again); (c) SYNs a raw-table NOTRACK rule exempted from conntrack, dropped in FORWARD as
+    UNTRACKED. The table is far from full and conntrack counts neither a drop nor an
+    INVALID packet: never conntrack_table_full nor conntrack_invalid_dropped."""
+    t_start = time.monotonic()
+    before = lab.conntrack_stats()
+    rules = [["-t", "raw", "-A", "PREROUTING", "-i", "n1", "-p", "tcp", "--dport", str(RAW_DROP_SYN_PORT),
+              "-j", "DROP"],
+             ["-t", "raw", "-A", "PREROUTING", "-i", "n1", "-p", "tcp", "--dport", str(RAW_DROP_NOTRACK_PORT),
+              "-j", "CT", "--notrack"],
+             ["-A", "FORWARD", "-p", "tcp", "--dport", str(RAW_DROP_NOTRACK_PORT), "-m", "conntrack",
+              "--ctstate", "UNTRACKED", "-j", "DROP"]]
+    data_rule = ["-t", "raw", "-A", "PREROUTING", "-i", "n1", "-p", "tcp", "--dport", str(RAW_DROP_DATA_PORT),
+                 "-j", "DROP"]
+    cases = []
+    with Sniffers(lab) as sn:
+        for rule in rules:   # the router's namespace only
+            lab.exec(lab.nat, ["iptables", *rule])
+        since = time.time()
+        # (a) and (c): each connect times out; its SYN and the retransmission 1 s later are dropped
+        clients = [(kind, port, follow(lab, lab.cli, ["peer", "--addr", SRV_ADDR, "--port", str(port), "--timeout",
+                                                      str(connect_timeout)], f"client to {port}"))
+                   for kind, port in (("syn", RAW_DROP_SYN_PORT), ("notrack", RAW_DROP_NOTRACK_PORT))]
+        for kind, port, client in clients:
+            failed = client.wait("connect-failed", timeout=connect_timeout + 5)
+            inside = tup(CLI_ADDR, failed["local"]["port"], SRV_ADDR, port)
+            cases.append({"kind": kind, "inside": inside, "client_after": failed["errno"],
+                          "dropped": _router_dropped(sn, inside, since)})
+        # (b): an established connection whose client data the router then drops
+        client, server, inside, outside = idle_connection(lab, RAW_DROP_DATA_PORT)
+        lab.exec(lab.nat, ["iptables", *data_rule])
+        since = time.time()
+        client.cmd("send 8", "sent")
+        wait_until(lambda: _router_dropped(sn, inside, since) >= data_drops, 5.0, 0.05)
+        cases.append({"kind": "data", "inside": inside, "outside": outside,
+                      "dropped": _router_dropped(sn, inside, since)})
+    after = lab.conntrack_stats()
+    return Outcome("raw-drop", {
+        "cases": cases, "rules": [" ".join(r) for r in rules + [data_rule]],
+        "conntrack_rise": {k: after.get(k, 0) - before.get(k, 0) for k in ("drop", "invalid", "insert_failed",
+                                                                          "early_drop")},
+        "conntrack_count": lab.conntrack_count(), "netns": netns_facts(lab),
+        "duration": time.monotonic() - t_start})
+
+
 SCENARIOS = {"invalid-window": invalid_window, "closed-port": closed_port, "invalid-dnat": invalid_dnat,
              "snat-race": snat_race, "vip-move": vip_move, "device-down": device_down, "ct-flush": ct_flush, "dhcp-renew": dhcp_renew, "ct-expire": ct_expire,
              "table-full": table_full, "app-abort": app_abort, "keepalive-timeout": keepalive_timeout,
-             "listen-overflow": listen_overflow, "timewait": timewait}
+             "listen-overflow": listen_overflow, "timewait": timewait, "raw-drop": raw_drop}
