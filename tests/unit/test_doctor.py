@@ -599,6 +599,32 @@ def test_backend_finding():
     assert none.severity == "risk" and none.incident is None and "linux-headers" in none.fix
 
 
+def kernel_with_headers(**changes):
+    """A stock kernel as doctor and watch see it: tracepoints, kprobes, its own headers."""
+    from tracer.probes.capabilities import Capabilities
+    caps = Capabilities(kernel_release="5.10.0-28-amd64", kernel_version=(5, 10, 0), btf=True,
+                        tracepoints={"tcp_send_reset": True, "tcp_receive_reset": True, "kfree_skb": True},
+                        kprobes=True, kprobes_why="CONFIG_KPROBES=y", privileged=True,
+                        matching_headers="/lib/modules/5.10.0-28-amd64/build")
+    for k, v in changes.items():
+        setattr(caps, k, v)
+    return caps
+
+
+def test_doctor_and_watch_agree_that_no_btf_means_no_backend():
+    from tracer.probes.capabilities import choose_backend
+    assert choose_backend(kernel_with_headers())[0] == "kprobe"
+    caps = kernel_with_headers(btf=False, btf_error="/sys/kernel/btf/vmlinux absent (CONFIG_DEBUG_INFO_BTF off)")
+    # watch asks for a backend (any of them) with the same function doctor reports
+    for wanted in ("auto", "kprobe", "tracepoint"):
+        backend, why = choose_backend(caps, wanted)
+        assert backend == "" and "BTF" in why
+    caps.backend, caps.backend_why = choose_backend(caps)
+    f = check_backend(caps)
+    assert f.severity == "risk" and f.title.startswith("no probe backend can run") and "BTF" in f.title
+    assert "CONFIG_DEBUG_INFO_BTF" in f.title + f.fix and "`rst-tracer watch` cannot attach" in f.detail
+
+
 def test_doctor_unknown_namespace_is_a_usage_error():
     p = subprocess.run([sys.executable, "-m", "tracer", "doctor", "--netns", "rstlab-no-such-ns"],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)

@@ -32,7 +32,12 @@ def check_backend(caps) -> Finding:
     if backend:
         fix = "" if c.get("privileged") else "run as root (or with CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)"
         return Finding("probes.backend", None, OK, f"probe backend: {backend} ({why})", detail, fix)
-    fix = "apt-get install linux-headers-amd64 python3-bpfcc" if "headers" in why else ""
+    if "BTF" in why:
+        fix = "boot a kernel built with CONFIG_DEBUG_INFO_BTF=y (Debian's kernels since bullseye are)"
+    elif "headers" in why:
+        fix = "apt-get install linux-headers-amd64 python3-bpfcc"
+    else:
+        fix = ""
     return Finding("probes.backend", None, RISK, f"no probe backend can run: {why}",
                    detail + " — `rst-tracer watch` cannot attach on this host", fix)
 

@@ -213,12 +213,15 @@ def detect() -> Capabilities:
 
 
 def choose_backend(caps: Capabilities, wanted: str = "auto") -> tuple:
-    """(backend, reason); backend is "" when nothing can run."""
-    headers = caps.matching_headers or caps.fallback_headers
-    if not headers:
+    """(backend, reason); backend is "" when nothing can run. The one decision: `watch` runs
+    the backend it returns, `doctor` reports it."""
+    if not caps.btf:
+        # every backend takes struct offsets, tracepoint arities and reason names from BTF
+        # (tracer/probes/loader.py): headers alone do not do
+        return "", (f"no BTF ({caps.btf_error or VMLINUX_BTF + ' unreadable'}): struct offsets and "
+                    "reason names come from it")
+    if not (caps.matching_headers or caps.fallback_headers):
         return "", "no kernel headers for BCC (install linux-headers-amd64)"
-    if not (caps.btf or caps.matching_headers):
-        return "", "neither BTF nor headers of the running kernel: struct offsets unknown"
     tp_ok = all(caps.tracepoints.values())
     missing_tp = [t for t, ok in caps.tracepoints.items() if not ok]
     if wanted in ("auto", "kprobe") and caps.kprobes and "kprobe" in IMPLEMENTED_BACKENDS:
