@@ -11,9 +11,7 @@
 // log (slow path), NAT setup and confirm (once per new connection), deletions (once per
 // entry), masquerade notifiers (address/device events), and the kfree_skb tracepoint
 // (drops only, filtered in the kernel).
-#include <uapi/linux/ip.h>
-#include <uapi/linux/ipv6.h>
-#include <uapi/linux/tcp.h>
+#include <uapi/linux/ptrace.h>     // struct pt_regs: the architecture's ABI, for PT_REGS_PARM*
 
 #include "common.h"
 

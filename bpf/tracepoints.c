@@ -3,11 +3,7 @@
 // Struct offsets and enum values come from the running kernel's BTF, passed by the
 // loader as -D defines (OFF_*, KIND_*, ...): the installed headers may belong to another
 // kernel, and BCC's automatic field rewriting would then read wrong memory silently.
-// Only uapi headers (stable wire formats) are included.
-#include <uapi/linux/ip.h>
-#include <uapi/linux/ipv6.h>
-#include <uapi/linux/tcp.h>
-
+// No kernel header is included: the packet headers are declared in common.h.
 #include "common.h"
 
 // Drop reasons we attribute; everything else is filtered here so ordinary drops cost

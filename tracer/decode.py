@@ -57,17 +57,21 @@ class KernelNames:
     def from_kernel(cls, btf, clock: Optional[Clock] = None) -> "KernelNames":
         rst = _names(btf.enum("sk_rst_reason"), "SK_RST_REASON_") if btf.has_enum("sk_rst_reason") else {}
         drop = _names(btf.enum("skb_drop_reason"), "SKB_DROP_REASON_") if btf.has_enum("skb_drop_reason") else {}
-        names = cls(rst, drop, clock or Clock())
-        names.refresh()
-        return names
+        return cls(rst, drop, clock or Clock())
 
     def refresh(self) -> None:
         """Symbols again if modules came or went (a call site in nf_conntrack loaded after
-        start must not be shown as a bare address)."""
-        self.symbols = Kallsyms.current(self.kallsyms_path, self.modules_path)
+        start must not be shown as a bare address). Until a symbol is needed, nothing is
+        read: kallsyms costs ~0.15 s, and most runs resolve no address."""
+        if self.symbols is not None:
+            self.symbols = Kallsyms.current(self.kallsyms_path, self.modules_path)
 
     def resolve_symbol(self, addr: int) -> str:
-        return self.symbols.resolve(addr) if (self.symbols is not None and addr) else ""
+        if not addr:
+            return ""
+        if self.symbols is None:
+            self.symbols = Kallsyms.current(self.kallsyms_path, self.modules_path)
+        return self.symbols.resolve(addr)
 
 
 def _addr(raw: bytes, family: int) -> str:

@@ -8,7 +8,7 @@ import time
 
 from .btf import BTF
 from .capabilities import Capabilities
-from .loader import compile_program, kernel_defines
+from .loader import compile_program, kernel_defines, release_compiler_memory
 
 # kfree_skb reasons worth a user-space event, and their lane (1: may be a root cause,
 # 2: ordinary); every other drop is filtered in the kernel
@@ -45,6 +45,8 @@ class Backend:
         t0 = time.monotonic()
         self.bpf = compile_program(self.source, self.defines(), self.caps)
         self.attach_probes()
+        self.btf.release()   # answers kept for the next start; the parsed types go
+        release_compiler_memory()
         self.attach_seconds = time.monotonic() - t0
 
     def filter_drop_reasons(self) -> None:

@@ -6,10 +6,14 @@ otherwise compile against the headers' layouts and read wrong fields silently.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import struct
+from pathlib import Path
 
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
+CACHE_DIR = Path(os.environ.get("RST_TRACER_CACHE", "/var/cache/rst-tracer")) / "btf"
 
 # BTF kinds (include/uapi/linux/btf.h)
 INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT = range(1, 12)
@@ -59,12 +63,18 @@ class BTF:
         self._parse(data, path, base)
 
     @classmethod
-    def vmlinux(cls) -> "BTF":
-        """The running kernel's BTF, parsed once per process (~0.5 s): it cannot change."""
+    def vmlinux(cls) -> "KernelBTF":
+        """The running kernel's BTF, as the tracer asks it (answers cached per kernel)."""
         global _VMLINUX
         if _VMLINUX is None:
-            _VMLINUX = cls()
+            _VMLINUX = KernelBTF()
         return _VMLINUX
+
+    def parsed(self) -> "BTF":
+        return self
+
+    def release(self) -> None:
+        """Nothing to give back: a BTF read directly (tests, modules) is its caller's."""
 
     @classmethod
     def of_module(cls, module: str, base: "BTF") -> "BTF":
@@ -216,3 +226,76 @@ class BTF:
             return False
         members = self.types[self._resolve(proto_id)].members
         return bool(members) and members[-1] == ("", 0)
+
+
+class KernelBTF:
+    """The running kernel's BTF through the questions the tracer asks it (offsets, sizes,
+    enums, tracepoint arities, function parameters). Every answer — an error too — is kept in
+    a cache file named by the hash of the BTF blob, so that a start on a kernel seen before
+    parses nothing: parsing costs ~0.4 s and ~40 MB of Python objects, which release() gives
+    back once the probes are attached."""
+
+    QUESTIONS = ("has_struct", "offsetof", "sizeof", "has_member", "enum", "has_enum", "tracepoint_arity",
+                 "func_params", "func_is_variadic")
+
+    def __init__(self, path: str = VMLINUX_BTF, cache_dir: Path = CACHE_DIR):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()[:24]
+        except OSError as e:
+            raise BTFError(f"cannot read BTF at {path}: {e.strerror}") from e
+        self._cache = Path(cache_dir) / f"{digest}.json"
+        try:
+            self._answers = json.loads(self._cache.read_text())
+        except (OSError, ValueError):
+            self._answers = {}
+        self._btf = None
+        self._new = False
+
+    def parsed(self) -> BTF:
+        """The BTF itself (parsed now if it was not), e.g. as the base of a module's."""
+        if self._btf is None:
+            self._btf = BTF(self.path)
+        return self._btf
+
+    @property
+    def was_parsed(self) -> bool:
+        return self._btf is not None
+
+    def _ask(self, question: str, *args):
+        key = json.dumps([question, *args])
+        answer = self._answers.get(key)
+        if answer is None:
+            try:
+                answer = {"value": getattr(self.parsed(), question)(*args)}
+            except BTFError as e:
+                answer = {"error": str(e)}
+            self._answers[key] = answer
+            self._new = True
+        if "error" in answer:
+            raise BTFError(answer["error"])
+        return answer["value"]
+
+    def __getattr__(self, name: str):
+        if name in KernelBTF.QUESTIONS:
+            return lambda *args: self._ask(name, *args)
+        raise AttributeError(name)
+
+    def save(self) -> None:
+        """Keep the answers for the next start (best effort: a read-only cache is no error)."""
+        if not self._new:
+            return
+        try:
+            self._cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self._cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self._answers))
+            tmp.replace(self._cache)
+            self._new = False
+        except OSError:
+            pass
+
+    def release(self) -> None:
+        """Save, and drop the parsed BTF (a later question parses it again)."""
+        self.save()
+        self._btf = None

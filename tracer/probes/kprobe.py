@@ -109,7 +109,7 @@ class KprobeBackend(Backend):
             mod = self._module_btf.get(module)
             if mod is None and os.path.exists(f"/sys/kernel/btf/{module}"):
                 try:
-                    mod = self._module_btf[module] = BTF.of_module(module, self.btf)
+                    mod = self._module_btf[module] = BTF.of_module(module, self.btf.parsed())
                 except BTFError:
                     mod = None
             if mod is not None:

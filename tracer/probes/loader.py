@@ -7,6 +7,7 @@ every offset the C code uses is an OFF_* define read from the running kernel's B
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import shutil
@@ -147,6 +148,30 @@ def expand_local_includes(source: str, seen=None) -> str:
             continue
         out.append(line)
     return "\n".join(out) + "\n"
+
+
+MADV_PAGEOUT = 21   # 5.4+; older kernels refuse it and keep the pages: harmless
+COMPILER_LIBRARIES = ("libLLVM", "libclang", "libbcc")
+
+
+def release_compiler_memory() -> None:
+    """Once the programs are loaded, give back what compiling them took: the heap LLVM freed
+    (glibc keeps it unless trimmed: ~40 MB) and the compiler's code pages (~75 MB of
+    libLLVM/libclang text, reclaimed; faulted back in only if something compiles again).
+    Only read-only executable mappings are paged out: they hold nothing of ours."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.malloc_trim(0)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read().splitlines()
+    except OSError:
+        return
+    for line in maps:
+        parts = line.split()
+        if len(parts) >= 6 and parts[1] == "r-xp" and any(lib in parts[5] for lib in COMPILER_LIBRARIES):
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            libc.madvise(start, end - start, MADV_PAGEOUT)
 
 
 def compile_program(source: str, defines: dict, caps: Capabilities):
