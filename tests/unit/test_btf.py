@@ -66,3 +66,23 @@ def test_bad_btf_is_a_clear_error(tmp_path):
         BTF(str(p))
     with pytest.raises(BTFError, match="cannot read"):
         BTF(str(tmp_path / "absent"))
+
+
+def test_answers_are_kept_per_kernel_so_a_second_start_parses_nothing(tmp_path):
+    from tracer.probes.btf import KernelBTF
+    first = KernelBTF(cache_dir=tmp_path)
+    head = first.offsetof("sk_buff", "head")
+    with pytest.raises(BTFError):
+        first.offsetof("sk_buff", "no_such_member")
+    assert first.was_parsed
+    first.release()
+    assert not first.was_parsed
+    second = KernelBTF(cache_dir=tmp_path)
+    assert second.offsetof("sk_buff", "head") == head
+    with pytest.raises(BTFError):                 # errors are answers too
+        second.offsetof("sk_buff", "no_such_member")
+    assert not second.was_parsed
+    for cached in tmp_path.iterdir():             # a damaged cache is only a slower start
+        cached.write_text("{not json")
+    third = KernelBTF(cache_dir=tmp_path)
+    assert third.offsetof("sk_buff", "head") == head and third.was_parsed
