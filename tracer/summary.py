@@ -6,28 +6,51 @@ import json
 import sys
 from collections import Counter, defaultdict
 
+from .corrections import Chains
+
 
 class InputError(Exception):
     """An input of `summary` that cannot be read (further); one line for the operator."""
 
 
 class Summary:
+    """Each event counted once, at its effective verdict: a correction moves its event from
+    the superseded cause to its own (in the namespace it was counted in), and is counted
+    itself, by (from, to)."""
+
     def __init__(self):
         self.by_cause_netns: dict = defaultdict(Counter)
         self.by_direction: Counter = Counter()
         self.lost: Counter = Counter()
         self.verdicts = 0
+        self.corrections: Counter = Counter()    # (superseded cause, cause) -> n
+        self._counted = Chains()                 # record id -> (cause, namespace) it is counted as
 
     def add(self, record: dict) -> None:
         kind = record.get("type")
-        if kind == "verdict":
-            cause, direction = record["cause"], record["direction"]   # both before counting
-            ns = record.get("netns_name") or str(record.get("netns"))
-            self.verdicts += 1
+        if kind in ("verdict", "correction"):
+            cause, direction = sys.intern(record["cause"]), record["direction"]   # all before counting
+            was = record["superseded_cause"] if kind == "correction" else None
+            ns = sys.intern(record.get("netns_name") or str(record.get("netns")))
+            before = self._counted.follow(record, (cause, ns))
+            if before is not None:
+                self._uncount(*before)
+            else:     # a verdict, or the correction of one this input does not hold
+                self.verdicts += 1
+                self.by_direction[direction] += 1
             self.by_cause_netns[cause][ns] += 1
-            self.by_direction[direction] += 1
+            if kind == "correction":
+                self.corrections[was, cause] += 1
         elif kind == "loss":
             self.lost[record["source"]] += int(record["lost"])
+
+    def _uncount(self, cause: str, ns: str) -> None:
+        per_ns = self.by_cause_netns[cause]
+        per_ns[ns] -= 1
+        if per_ns[ns] <= 0:
+            del per_ns[ns]
+        if not per_ns:
+            del self.by_cause_netns[cause]
 
     def add_input(self, path: str) -> None:
         """Counts every good record of one input (see read_records); raises InputError at
@@ -40,18 +63,27 @@ class Summary:
                                  f"({e.__class__.__name__}: {e})") from None
 
     def to_dict(self) -> dict:
+        by_from: dict = defaultdict(dict)
+        for (was, cause), n in sorted(self.corrections.items()):
+            by_from[was][cause] = n
         return {"verdicts": self.verdicts,
                 "by_cause": {c: sum(n.values()) for c, n in sorted(self.by_cause_netns.items())},
                 "by_cause_netns": {c: dict(sorted(n.items())) for c, n in sorted(self.by_cause_netns.items())},
                 "by_direction": dict(sorted(self.by_direction.items())),
+                "corrections": sum(self.corrections.values()),
+                "corrections_by_cause": dict(by_from),
                 "lost": dict(self.lost)}
 
     def format(self) -> str:
-        lines = [f"{self.verdicts} verdicts"]
+        corrected = sum(self.corrections.values())
+        lines = [f"{self.verdicts} verdicts" + (f" ({corrected} corrections applied)" if corrected else "")]
         for cause, per_ns in sorted(self.by_cause_netns.items(), key=lambda kv: -sum(kv[1].values())):
             lines.append(f"  {cause:28} {sum(per_ns.values()):7}")
             for ns, n in per_ns.most_common():
                 lines.append(f"      {ns:40} {n:7}")
+        if corrected:
+            lines.append("corrections: " + ", ".join(f"{was} -> {cause} {n}" for (was, cause), n
+                                                     in self.corrections.most_common()))
         if self.lost:
             lines.append("lost events: " + ", ".join(f"{s} {n}" for s, n in self.lost.items()))
         return "\n".join(lines)

@@ -1,5 +1,29 @@
+import dataclasses
+import json
+
+from tracer.attribution import Attributor
+from tracer.events import CT_DESTROY, RST_SENT
+from tracer.lab.harness import effective_verdicts
 from tracer.lab.wire import RST, SYN, ACK, WirePacket, distinct_rsts, retransmitted_syns, rst_coverage
+from tracer.recording import read_recording
 from tracer.summary import Summary
+
+
+def vip_move_with_a_late_deletion(fixtures) -> tuple:
+    """(records, facts): the vip-move recording attributed with the router's deletion of the
+    new entry read just after the server's reset, as live when the lookup loses the race
+    with the RST that kills that entry: the server's reset is first judged no_connection,
+    then a correction makes it conntrack_flushed (schema v1 correction records)."""
+    events = list(read_recording(str(fixtures / "vip-move.rec"))[1])
+    facts = json.loads((fixtures / "vip-move.facts.json").read_text())
+    reset = next(ev for ev in events if ev.kind == RST_SENT and ev.netns == facts["netns"]["srv"])
+    new_entry = next(ev for ev in events if ev.kind == CT_DESTROY and ev.entry.reply.dst.port == facts["new_port"])
+    events.remove(new_entry)
+    events.insert(events.index(reset) + 1, dataclasses.replace(
+        new_entry, ts_ns=reset.ts_ns + 2_000_000, not_before_ns=reset.ts_ns + 1_000_000))
+    reset.context.nat_elsewhere = []
+    attributor = Attributor("tracepoint", "h", id_prefix="h-1")
+    return [v.to_dict() for ev in events for v in attributor.feed(ev)], facts
 
 
 def pkt(ns, iface, ts, src, sport, dst, dport, seq, ack, flags):
@@ -57,3 +81,53 @@ def test_summary_counts_by_cause_and_namespace():
     d = s.to_dict()
     assert d["verdicts"] == 3 and d["by_cause"] == {"no_listener": 2, "peer_reset": 1}
     assert d["by_cause_netns"]["no_listener"] == {"a": 2} and d["lost"] == {"kernel_ringbuf": 7}
+
+
+def record(kind, rid, cause, ns, direction="sent", **extra):
+    return {"type": kind, "schema_version": 1, "id": rid, "cause": cause, "netns": 100, "netns_name": ns,
+            "direction": direction, **extra}
+
+
+def correction(rid, supersedes, was, cause, ns):
+    return record("correction", rid, cause, ns, supersedes=supersedes, superseded_cause=was,
+                  correction="a deletion read 0.2s after the event explains it better")
+
+
+def test_summary_counts_each_event_once_at_its_corrected_cause():
+    s = Summary()
+    for r in [record("verdict", "h-1", "no_connection", "srv"),
+              record("verdict", "h-2", "peer_reset", "cli", "received"),
+              record("verdict", "h-3", "no_connection", "srv"),
+              correction("h-4", "h-1", "no_connection", "conntrack_flushed", "srv"),
+              correction("h-5", "h-4", "conntrack_flushed", "conntrack_flushed", "srv"),   # a chain
+              # a correction of a verdict this input does not hold (filtered out, or before it began)
+              correction("h-6", "h-0", "no_connection", "conntrack_expired", "nat"),
+              {"type": "loss", "schema_version": 1, "source": "kernel_ringbuf", "lost": 2}]:
+        s.add(r)
+    d = s.to_dict()
+    assert d["verdicts"] == 4
+    assert d["by_cause"] == {"conntrack_expired": 1, "conntrack_flushed": 1, "no_connection": 1, "peer_reset": 1}
+    assert d["by_cause_netns"]["no_connection"] == {"srv": 1} and d["by_cause_netns"]["conntrack_flushed"] == {"srv": 1}
+    assert d["by_direction"] == {"received": 1, "sent": 3}
+    assert d["corrections"] == 3
+    assert d["corrections_by_cause"] == {"conntrack_flushed": {"conntrack_flushed": 1},
+                                         "no_connection": {"conntrack_expired": 1, "conntrack_flushed": 1}}
+    text = s.format()
+    assert text.splitlines()[0] == "4 verdicts (3 corrections applied)"
+    assert "no_connection -> conntrack_flushed 1" in text
+
+
+def test_summary_of_a_recorded_run_with_a_correction_counts_the_effective_verdicts(fixtures):
+    records, facts = vip_move_with_a_late_deletion(fixtures)
+    effective, corrections = effective_verdicts(records)
+    assert [(c["superseded_cause"], c["cause"]) for c in corrections] == [("no_connection", "conntrack_flushed")]
+    s = Summary()
+    for r in records:
+        s.add(r)
+    d = s.to_dict()
+    assert d["verdicts"] == len(effective) < len(records) and d["corrections"] == 1
+    causes = {}
+    for v in effective:
+        causes[v["cause"]] = causes.get(v["cause"], 0) + 1
+    assert d["by_cause"] == causes and "no_connection" not in causes
+    assert d["corrections_by_cause"] == {"no_connection": {"conntrack_flushed": 1}}
