@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-# The tracer corrects a verdict within seconds (REVISE_WINDOW_S in tracer/attribution/
-# engine.py) of its event; this many records back is far more than that at any rate the
-# tracer keeps up with, and bounds the memory of a long run.
-RECENT_RECORDS = 65536
+# The tracer emits a correction as soon as the late fact is read, usually milliseconds
+# after the verdict, and never past 10 s (REVISE_WINDOW_S in tracer/attribution/engine.py).
+# The last 16384 records (~3.5 MB per consumer) cover that window up to 1600 records a
+# second; past that, a correction of a forgotten record counts as its event's first verdict.
+RECENT_RECORDS = 16384
 
 
 class Chains:
@@ -20,14 +21,20 @@ class Chains:
         self.limit = limit
         self._by_id: OrderedDict = OrderedDict()
 
-    def follow(self, record: dict, value):
-        """Remembers `value` (not None) for this verdict or correction. For a correction,
-        returns the value remembered for the record it supersedes, which it replaces; None
-        when that record was not seen (filtered out, or before this input began): the
-        correction is then the first this consumer hears of the event."""
-        before = self._by_id.pop(record.get("supersedes"), None) if record.get("type") == "correction" else None
-        if record.get("id") is not None:
-            self._by_id[record["id"]] = value
-            if len(self._by_id) > self.limit:
-                self._by_id.popitem(last=False)
-        return before
+    def superseded(self, record: dict):
+        """For a correction, what was remembered for the record it supersedes (forgotten now:
+        the correction takes its place); None for a verdict, or when that record was not
+        seen (filtered out, or before this input began): the correction is then the first
+        this consumer hears of its event."""
+        if record.get("type") != "correction":
+            return None
+        return self._by_id.pop(record.get("supersedes"), None)
+
+    def remember(self, record: dict, value) -> None:
+        """What this consumer made of a verdict or correction (not None), for a later
+        correction of it."""
+        if record.get("id") is None:
+            return
+        self._by_id[record["id"]] = value
+        if len(self._by_id) > self.limit:
+            self._by_id.popitem(last=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from .corrections import Chains
+
 # the name verdicts give the host's (PID 1's) namespace; not a file under /run/netns
 HOST_NETNS_NAME = "host"
 
@@ -31,9 +33,14 @@ def check_netns(specs) -> list:
 
 @dataclass
 class VerdictFilter:
+    """A correction is judged like a verdict (its own namespace and tuples), and is also
+    shown when the record it supersedes was: a consumer must never be left with a verdict
+    that was corrected. One whose superseded record was not shown is, for its consumer, the
+    first verdict of its event."""
     netns: set = field(default_factory=set)     # inode numbers (int) or names (str)
     ports: set = field(default_factory=set)
     hosts: set = field(default_factory=set)     # ipaddress objects
+    _shown: Chains = field(default_factory=Chains, repr=False)   # ids of the records shown
 
     def _tuples(self, record: dict) -> list:
         out = [record["flow"]] if record.get("flow") else []
@@ -42,8 +49,14 @@ class VerdictFilter:
         return out
 
     def matches(self, record: dict) -> bool:
-        if record.get("type") != "verdict":
+        if record.get("type") not in ("verdict", "correction") or not (self.netns or self.ports or self.hosts):
             return True
+        show = self._shown.superseded(record) is not None or self._criteria(record)
+        if show:
+            self._shown.remember(record, True)
+        return show
+
+    def _criteria(self, record: dict) -> bool:
         if self.netns and not ({record.get("netns"), record.get("netns_name")} & self.netns):
             return False
         tuples = self._tuples(record)

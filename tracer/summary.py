@@ -32,7 +32,8 @@ class Summary:
             cause, direction = sys.intern(record["cause"]), record["direction"]   # all before counting
             was = record["superseded_cause"] if kind == "correction" else None
             ns = sys.intern(record.get("netns_name") or str(record.get("netns")))
-            before = self._counted.follow(record, (cause, ns))
+            before = self._counted.superseded(record)
+            self._counted.remember(record, (cause, ns))
             if before is not None:
                 self._uncount(*before)
             else:     # a verdict, or the correction of one this input does not hold

@@ -131,3 +131,59 @@ def test_summary_of_a_recorded_run_with_a_correction_counts_the_effective_verdic
         causes[v["cause"]] = causes.get(v["cause"], 0) + 1
     assert d["by_cause"] == causes and "no_connection" not in causes
     assert d["corrections_by_cause"] == {"no_connection": {"conntrack_flushed": 1}}
+
+
+# -- the --netns/--port/--host filter on corrections ------------------------------------------
+
+def shown(vfilter, records) -> list:
+    return [r["id"] for r in records if vfilter.matches(r)]
+
+
+def test_filters_judge_a_correction_like_a_verdict(fixtures):
+    import ipaddress
+
+    from tracer.filters import VerdictFilter
+    records, facts = vip_move_with_a_late_deletion(fixtures)
+    by_ns = {}
+    for r in records:
+        by_ns.setdefault(r["netns"], []).append(r["id"])
+    # the server's reset and its correction are in srv: neither is shown for cli, both for srv
+    assert shown(VerdictFilter(netns={facts["netns"]["cli"]}), records) == by_ns[facts["netns"]["cli"]]
+    assert shown(VerdictFilter(netns={facts["netns"]["srv"]}), records) == by_ns[facts["netns"]["srv"]]
+    name = next(r["netns_name"] for r in records if r["netns"] == facts["netns"]["srv"])
+    assert shown(VerdictFilter(netns={name}), records) == by_ns[facts["netns"]["srv"]]
+    # the first verdict knew only the NATed tuple; the correction found the client's inside
+    # tuple: it is shown (its consumer has not seen what it supersedes: a verdict of its own)
+    client = ipaddress.ip_address(facts["inside"]["src"])
+    ids = shown(VerdictFilter(hosts={client}), records)
+    first, fixed = records[0], records[1]
+    assert fixed["type"] == "correction" and fixed["supersedes"] == first["id"]
+    assert first["id"] not in ids and fixed["id"] in ids
+    assert shown(VerdictFilter(ports={facts["inside"]["sport"]}), records) == \
+        shown(VerdictFilter(hosts={client}), records)
+
+
+def test_a_correction_of_a_shown_verdict_is_shown_even_if_it_no_longer_matches():
+    from tracer.filters import VerdictFilter
+    flow = {"proto": "tcp", "family": 4, "src": "10.0.0.1", "sport": 40000, "dst": "10.0.0.2", "dport": 6379}
+    verdict = {"type": "verdict", "id": "h-1", "netns": 7, "netns_name": "a", "flow": flow, "nat": None}
+    other = dict(flow, dport=6380)
+    fixed = {"type": "correction", "id": "h-2", "supersedes": "h-1", "netns": 7, "netns_name": "a",
+             "flow": other, "nat": None}
+    unrelated = {"type": "correction", "id": "h-4", "supersedes": "h-3", "netns": 7, "netns_name": "a",
+                 "flow": other, "nat": None}
+    vf = VerdictFilter(ports={6379})
+    assert shown(vf, [verdict, fixed, unrelated]) == ["h-1", "h-2"]
+    # loss and status records are never filtered
+    assert vf.matches({"type": "loss", "source": "kernel_ringbuf", "lost": 1})
+
+
+def test_chains_remember_a_bounded_number_of_records():
+    from tracer.corrections import Chains
+    chains = Chains(limit=2)
+    for n in (1, 2, 3):
+        chains.remember({"type": "verdict", "id": f"h-{n}"}, n)
+    assert chains.superseded({"type": "correction", "id": "h-4", "supersedes": "h-1"}) is None   # forgotten
+    assert chains.superseded({"type": "correction", "id": "h-5", "supersedes": "h-3"}) == 3
+    assert chains.superseded({"type": "correction", "id": "h-6", "supersedes": "h-3"}) is None   # replaced once
+    assert chains.superseded({"type": "verdict", "id": "h-7", "supersedes": "h-2"}) is None
