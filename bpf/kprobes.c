@@ -19,6 +19,7 @@
 
 #define NF_NAT_MANIP_SRC 0
 #define NETDEV_DOWN 2
+#define TCP_CONNTRACK_SYN_SENT 1    // enum tcp_conntrack (uapi, stable)
 // a masquerade walk flag older than this is stale (its return probe was missed)
 #define WALK_MAX_NS (30ULL * 1000000000ULL)
 #define MASQ_DETAIL_MAX_NS (120ULL * 1000000000ULL)
@@ -218,7 +219,9 @@ int kp_nat_setup_info(struct pt_regs *ctx)
 }
 
 // __nf_conntrack_confirm(skb), once per new connection: the chosen tuple is in the reply
-// tuple by now. A SNATed TCP entry is reported as a binding.
+// tuple by now. A SNATed TCP entry conntrack picked up mid-stream (not from a SYN: the
+// client of an entry that was flushed or expired, re-NATed) is reported as a binding; an
+// ordinary connection is not (that would be an event per connection).
 int kp_conntrack_confirm(struct pt_regs *ctx)
 {
     u64 skb = PT_REGS_PARM1(ctx);
@@ -229,7 +232,7 @@ int kp_conntrack_confirm(struct pt_regs *ctx)
     if (!flags)
         return 0;
     u32 nat_flags = *flags;
-    if (!(rd32(ct + OFF_NF_CONN_STATUS) & IPS_SRC_NAT))
+    if (!(rd32(ct + OFF_NF_CONN_STATUS) & IPS_SRC_NAT) || rd8(ct + OFF_NF_CONN_TCP_STATE) == TCP_CONNTRACK_SYN_SENT)
         return 0;
     struct rst_event *e = event_reserve(KIND_NAT_BINDING, PROBE_NAT_CONFIRM);
     if (!e)

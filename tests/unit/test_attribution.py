@@ -65,7 +65,7 @@ def test_anything_unknown_is_unexplained_with_raw_facts():
 
 def test_flow_memory_is_bounded():
     from tracer.attribution.state import BoundedMap
-    m = BoundedMap(ttl=10, max_entries=3)
+    m = BoundedMap(ttl=10, budget=300, entry_bytes=100)
     for i in range(10):
         m.put(frozenset({i}), {"id": str(i)}, now=0)
     assert len(m) == 3

@@ -20,13 +20,13 @@ from ..events import (ADDR_REMOVED, CT_DESTROY, CT_INVALID, LINK_DOWN, NAT_BINDI
                       RST_SENT, TRIGGER_KINDS, KernelEvent, flag_names)
 from ..schema import Verdict
 from .rules import RULES, Finding
-from .state import AttributionState
+from .state import BUDGET_BYTES, ENTRY_BYTES, AttributionState
 
 DIRECTIONS = {RST_SENT: "sent", RST_RECEIVED: "received"}
 ROOT_CAUSES = frozenset(r.cause for r in RULES if r.root_cause)
-# how long a verdict stays open to correction, and how many are kept (memory bound)
+# how long a verdict stays open to correction, and how many are kept (bounded in bytes)
 REVISE_WINDOW_S = 10.0
-REVISE_MAX = 4096
+REVISE_MAX = BUDGET_BYTES["judged"] // ENTRY_BYTES["judged"]
 
 
 @dataclass

@@ -17,13 +17,23 @@ TRIGGER_WINDOW_S = 5.0
 NOTIFIER_SLACK_S = 1.0
 # an entry deleted with at most this much of its timeout left expired
 EXPIRED_TIMEOUT_LEFT_S = 1
+MEMORY_TTL_S = 3600.0
+
+# What the attribution remembers is bounded by bytes: a budget per kind, divided by what one
+# entry retains (CPython 3.11, measured with tracemalloc by tests/unit/test_state_memory.py,
+# which fails if an entry outgrows its figure). 66 MiB in all; the oldest entries go first.
+# The verdicts kept open to correction (engine.py) are budgeted here too.
+ENTRY_BYTES = {"deletion": 1800, "binding": 1400, "verdict": 800, "invalid": 4000, "judged": 3600}
+BUDGET_BYTES = {"deletion": 32 << 20, "binding": 16 << 20, "verdict": 8 << 20, "invalid": 2 << 20,
+                "judged": 8 << 20}
 
 
 class BoundedMap:
-    """An LRU map whose entries also expire after `ttl` seconds of event time."""
+    """An LRU map, bounded in bytes (`budget` / `entry_bytes` entries), whose entries also
+    expire after `ttl` seconds of event time."""
 
-    def __init__(self, ttl: float, max_entries: int):
-        self.ttl, self.max_entries = ttl, max_entries
+    def __init__(self, ttl: float, budget: int, entry_bytes: int):
+        self.ttl, self.max_entries = ttl, max(1, budget // entry_bytes)
         self._items: OrderedDict = OrderedDict()
 
     def put(self, key, value, now: float) -> None:
@@ -136,18 +146,29 @@ class Trigger:
         return d
 
 
+@dataclass
+class Binding:
+    """A NAT binding (the tuple NAT chose for a new entry), as much of it as rules need."""
+    netns: int
+    ts: float
+    entry: ConntrackEntry
+    nat_range_flags: int = 0
+
+
 class AttributionState:
-    # ~1.5 KiB per remembered deletion: 50 000 of them bound the state to ~75 MiB even when
-    # a SYN storm through NAT deletes an entry per SYN
-    def __init__(self, memory_ttl: float = 3600.0, max_entries: int = 50_000):
-        self._verdicts = BoundedMap(memory_ttl, max_entries)
-        self._by_reply = BoundedMap(memory_ttl, max_entries)      # (netns, reply) -> Deletion
-        self._by_reply_any = BoundedMap(memory_ttl, max_entries)  # reply -> Deletion
-        self._by_orig = BoundedMap(memory_ttl, max_entries)       # (netns, orig) -> [Deletion]
-        self._triggers: dict = {}   # netns -> deque of Trigger
-        self._invalid = BoundedMap(60, 10_000)              # (netns, segment) -> ct_invalid event
-        self._bindings = BoundedMap(memory_ttl, max_entries)  # (netns, reply) -> nat_binding event
-        self._bindings_any = BoundedMap(memory_ttl, max_entries)  # reply -> nat_binding event
+    def __init__(self, budget: Optional[dict] = None):
+        budget = dict(BUDGET_BYTES, **(budget or {}))
+
+        def bounded(kind, ttl=MEMORY_TTL_S):
+            return BoundedMap(ttl, budget[kind], ENTRY_BYTES[kind])
+        self._verdicts = bounded("verdict")
+        self._by_reply = bounded("deletion")       # (netns, reply) -> Deletion
+        self._by_reply_any = bounded("deletion")   # reply -> Deletion  (the same objects)
+        self._by_orig = bounded("deletion")        # (netns, orig) -> [Deletion]
+        self._triggers: dict = {}                  # netns -> deque of Trigger (256 each)
+        self._invalid = bounded("invalid", ttl=60)  # (netns, segment) -> ct_invalid event
+        self._bindings = bounded("binding")        # (netns, reply) -> Binding
+        self._bindings_any = bounded("binding")    # reply -> Binding  (the same objects)
         self.now = 0.0
 
     # -- root-cause verdicts ---------------------------------------------------------
@@ -198,14 +219,15 @@ class AttributionState:
         return hit[1] if hit and self.now - hit[0] <= within else None
 
     def add_binding(self, ev: KernelEvent) -> None:
-        self._bindings.put((ev.netns, ev.entry.reply), ev, ev.mono)
-        self._bindings_any.put(ev.entry.reply, ev, ev.mono)
+        b = Binding(ev.netns, ev.mono, ev.entry, ev.nat_range_flags)
+        self._bindings.put((ev.netns, ev.entry.reply), b, ev.mono)
+        self._bindings_any.put(ev.entry.reply, b, ev.mono)
 
-    def binding_for(self, netns: int, reply: Tuple) -> Optional[KernelEvent]:
+    def binding_for(self, netns: int, reply: Tuple) -> Optional[Binding]:
         hit = self._bindings.get((netns, reply), self.now)
         return hit[1] if hit else None
 
-    def binding_anywhere(self, reply: Tuple) -> Optional[KernelEvent]:
+    def binding_anywhere(self, reply: Tuple) -> Optional[Binding]:
         hit = self._bindings_any.get(reply, self.now)
         return hit[1] if hit else None
 
