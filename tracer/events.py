@@ -42,13 +42,18 @@ def ct_status_names(status: int) -> list:
     return [n for i, n in enumerate(CT_STATUS_BITS) if status >> i & 1]
 
 
+def format_endpoint(addr: str, port) -> str:
+    """addr:port, with an IPv6 address in brackets: the one way endpoints are written."""
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
 @dataclass(frozen=True)
 class Endpoint:
     addr: str
     port: int
 
     def __str__(self) -> str:
-        return f"[{self.addr}]:{self.port}" if ":" in self.addr else f"{self.addr}:{self.port}"
+        return format_endpoint(self.addr, self.port)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ import time
 import msgpack
 
 from .queued import QueuedSink
-from .stream import TcpTransport, _endpoint
+from ..events import format_endpoint
+from .stream import TcpTransport
 
 DEFAULT_TAG = "rst-tracer"
 DEFAULT_ACK_TIMEOUT = 10.0
@@ -122,4 +123,4 @@ class FluentSink(QueuedSink):
     def __init__(self, host: str, port: int, tag: str = DEFAULT_TAG, ack: bool = False,
                  ack_timeout: float = DEFAULT_ACK_TIMEOUT, mode: str = "forward", name: str = "", **kw):
         super().__init__(FluentTransport(host, port, tag, ack, ack_timeout, mode),
-                         name or f"fluent:{_endpoint(host, port)}", **kw)
+                         name or f"fluent:{format_endpoint(host, port)}", **kw)

@@ -18,6 +18,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 
+from ..events import format_endpoint
 from .console import HumanSink, JsonLinesSink, Sink
 
 SCHEMES = ("stdout", "file", "unix", "tcp", "fluent")
@@ -151,7 +152,7 @@ def parse_spec(spec: str) -> OutputSpec:
             if params["mode"] not in ("forward", "message"):
                 raise ValueError(f"fluent: mode must be forward or message, not {params['mode']!r}")
             out["mode"] = params["mode"]
-    name = f"{scheme}:[{host}]:{port}" if ":" in host else f"{scheme}:{host}:{port}"
+    name = f"{scheme}:{format_endpoint(host, port)}"
     return OutputSpec(scheme, name, (host, port), out)
 
 

@@ -13,6 +13,7 @@ import socket
 import struct
 import termios
 
+from ..events import format_endpoint
 from .queued import QueuedSink, Transport
 
 CONNECT_TIMEOUT = 5.0
@@ -110,13 +111,9 @@ class UnixTransport(SocketTransport):
         return sock
 
 
-def _endpoint(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class TcpSink(QueuedSink):
     def __init__(self, host: str, port: int, name: str = "", **kw):
-        super().__init__(TcpTransport(host, port), name or f"tcp:{_endpoint(host, port)}", **kw)
+        super().__init__(TcpTransport(host, port), name or f"tcp:{format_endpoint(host, port)}", **kw)
 
 
 class UnixSink(QueuedSink):
