@@ -603,3 +603,47 @@ def test_cli_help_documents_outputs():
     p = rst("watch", "--help")
     assert p.returncode == 0 and "--output SPEC" in p.stdout and "--metrics ADDR:PORT" in p.stdout
     assert "fluent:" in p.stdout
+
+
+# -- correction records ---------------------------------------------------------------------------
+
+def test_human_line_of_a_correction_says_which_line_it_corrects(fixtures):
+    import io
+
+    from test_wire_and_summary import vip_move_with_a_late_deletion
+    from tracer.sinks import HumanSink
+    records, _ = vip_move_with_a_late_deletion(fixtures)
+    first, fixed = records[0], records[1]
+    out = io.StringIO()
+    sink = HumanSink(out)
+    for r in (first, fixed):
+        sink.emit(r)
+    line_first, line_fixed = out.getvalue().splitlines()
+    ts = first["ts"][11:23]
+    assert line_first.startswith(f"{ts} no_connection [")
+    # the same event time: the operator finds the line it replaces
+    assert line_fixed.startswith(f"{ts} correction of {first['id']} (was no_connection): conntrack_flushed [high] sent ")
+    assert fixed["summary"] in line_fixed
+    verbose = HumanSink(io.StringIO(), verbose=True)
+    verbose.emit(fixed)
+    assert f"\n    correction: {fixed['correction']}" in verbose.stream.getvalue()
+
+
+def test_metrics_count_corrections_without_counting_the_event_twice(fixtures):
+    from test_wire_and_summary import vip_move_with_a_late_deletion
+    records, facts = vip_move_with_a_late_deletion(fixtures)
+    m = MetricsSink()
+    for r in records:
+        m.emit(r)
+    get = m.registry.get_sample_value
+    srv = str(facts["netns"]["srv"])
+    assert get("rst_tracer_corrections_total",
+               {"from_cause": "no_connection", "to_cause": "conntrack_flushed", "netns": srv}) == 1
+    # the first verdict stays counted (counters never go down); the correction is not a verdict
+    assert get("rst_tracer_verdicts_total", {"cause": "no_connection", "netns": srv, "direction": "sent"}) == 1
+    assert get("rst_tracer_verdicts_total", {"cause": "conntrack_flushed", "netns": srv, "direction": "sent"}) is None
+    # the correction of a verdict this exporter never saw (filtered out) is that event's verdict
+    m.emit(dict(records[1], id="h-9-2", supersedes="h-9-1"))
+    assert get("rst_tracer_verdicts_total", {"cause": "conntrack_flushed", "netns": srv, "direction": "sent"}) == 1
+    assert get("rst_tracer_corrections_total",
+               {"from_cause": "no_connection", "to_cause": "conntrack_flushed", "netns": srv}) == 1

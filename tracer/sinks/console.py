@@ -1,4 +1,4 @@
-"""Terminal output: one human line per verdict on a TTY, JSON lines otherwise."""
+"""Terminal output: one human line per verdict (or correction) on a TTY, JSON lines otherwise."""
 from __future__ import annotations
 
 import json
@@ -33,8 +33,11 @@ def format_human(record: dict, verbose: bool = False) -> str:
     where = record.get("netns_name") or str(record.get("netns"))
     if record.get("interface"):
         where += f"/{record['interface']}"
-    line = (f"{record['ts'][11:23]} {record['cause']} [{record['confidence']}] {record['direction']} "
-            f"{where} {_tuple(record['flow']) if record.get('flow') else '-'}")
+    line = record["ts"][11:23]
+    if kind == "correction":   # same event time as the line it replaces
+        line += f" correction of {record['supersedes']} (was {record['superseded_cause']}):"
+    line += (f" {record['cause']} [{record['confidence']}] {record['direction']} "
+             f"{where} {_tuple(record['flow']) if record.get('flow') else '-'}")
     nat = record.get("nat")
     if nat:
         line += f" (inside {_tuple(nat['inside'])}, NATed {_tuple(nat['outside'])})"
@@ -43,6 +46,8 @@ def format_human(record: dict, verbose: bool = False) -> str:
     if remedy.get("commands"):
         line += f" — fix: {remedy['commands'][0]}"
     if verbose:
+        if kind == "correction":
+            line += f"\n    correction: {record['correction']}"
         for ev in record.get("evidence", []):
             line += f"\n    · {ev['text']}"
         if remedy.get("text"):

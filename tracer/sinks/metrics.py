@@ -8,6 +8,7 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ..corrections import Chains
 from .console import Sink
 
 
@@ -58,8 +59,12 @@ class _OutputsCollector:
 class MetricsSink(Sink):
     def __init__(self, registry: CollectorRegistry = None, outputs=()):
         self.registry = registry if registry is not None else CollectorRegistry()
-        self.verdicts = Counter("rst_tracer_verdicts", "Verdicts emitted, by cause.",
+        self.verdicts = Counter("rst_tracer_verdicts", "Verdicts emitted, at their first cause.",
                                 ["cause", "netns", "direction"], registry=self.registry)
+        self.corrections = Counter("rst_tracer_corrections", "Verdicts replaced by a correction record, by "
+                                   "the cause replaced and the cause that replaced it.",
+                                   ["from_cause", "to_cause", "netns"], registry=self.registry)
+        self._counted = Chains()    # ids of the verdicts and corrections counted here
         self.lost = Counter("rst_tracer_lost_events", "Events lost before attribution or delivery "
                             "(kernel_ringbuf, decode, sink:<output>).", ["source"], registry=self.registry)
         self.probe_attached = Gauge("rst_tracer_probe_attached", "1 while the probe is attached.",
@@ -82,9 +87,16 @@ class MetricsSink(Sink):
 
     def emit(self, record: dict) -> None:
         kind = record.get("type")
-        if kind == "verdict":
-            self.verdicts.labels(cause=str(record.get("cause")), netns=str(record.get("netns")),
-                                 direction=str(record.get("direction"))).inc()
+        if kind in ("verdict", "correction"):
+            # counters never go down: a correction counts the move, not a second verdict,
+            # unless the verdict it replaces never came here (filtered out)
+            netns, cause = str(record.get("netns")), str(record.get("cause"))
+            if self._counted.superseded(record) is not None:
+                self.corrections.labels(from_cause=str(record.get("superseded_cause")), to_cause=cause,
+                                        netns=netns).inc()
+            else:
+                self.verdicts.labels(cause=cause, netns=netns, direction=str(record.get("direction"))).inc()
+            self._counted.remember(record, True)
         elif kind == "loss":
             lost = record.get("lost") or 0
             if lost > 0:
