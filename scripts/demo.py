@@ -39,6 +39,9 @@ PLAN = [
      "vip-move", {}, {}, lambda f: f"NAT port {f['old_port']} -> {f['new_port']}, client: {f['client_after']}"),
     ("Incidents 3/4 by the device: the masquerading interface flaps; the same flush, a new port",
      "device-down", {}, {}, lambda f: f"NAT port {f['old_port']} -> {f['new_port']}, client: {f['client_after']}"),
+    ("Someone deletes conntrack entries over ctnetlink (conntrack -F): the same flush, and who did it",
+     "ct-flush", {}, {}, lambda f: f"{f['command']} (pid {f['deleter_pid']}), NAT port {f['old_port']} -> "
+                                   f"{f['new_port']}, client: {f['client_after']}"),
     ("Incident 4: a DHCP renewal flushes conntrack; the server's keepalive meets the router's RST",
      "dhcp-renew", {}, {}, lambda f: f"server: {f['server_after']}, client: {f['client_after']}"),
     ("An idle connection outlives its conntrack entry (timeout lowered to 3 s)",
