@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ..events import format_endpoint
+
 
 class Sink:
     def emit(self, record: dict) -> None:
@@ -17,9 +19,7 @@ class Sink:
 
 
 def _tuple(t: dict) -> str:
-    def ep(a, p):
-        return f"[{a}]:{p}" if ":" in a else f"{a}:{p}"
-    return f"{ep(t['src'], t['sport'])} > {ep(t['dst'], t['dport'])}"
+    return f"{format_endpoint(t['src'], t['sport'])} > {format_endpoint(t['dst'], t['dport'])}"
 
 
 def format_human(record: dict, verbose: bool = False) -> str:
