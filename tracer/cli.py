@@ -31,7 +31,7 @@ def configure_logging(verbose: bool) -> None:
 
 class NetnsParam(click.ParamType):
     name = "NETNS"
-    _name_re = re.compile(r"^[A-Za-z0-9_.@-]{1,255}$")
+    _name_re = re.compile(r"^[A-Za-z0-9_.@:-]{1,255}$")   # ':' as in docker:<sandbox id>
 
     def convert(self, value, param, ctx):
         if isinstance(value, int) or value.isdigit():

@@ -605,7 +605,7 @@ def kernel_with_headers(**changes):
     caps = Capabilities(kernel_release="5.10.0-28-amd64", kernel_version=(5, 10, 0), btf=True,
                         tracepoints={"tcp_send_reset": True, "tcp_receive_reset": True, "kfree_skb": True},
                         kprobes=True, kprobes_why="CONFIG_KPROBES=y", privileged=True,
-                        matching_headers="/lib/modules/5.10.0-28-amd64/build")
+                        matching_headers="/lib/modules/5.10.0-28-amd64/build", bcc="0.18.0")
     for k, v in changes.items():
         setattr(caps, k, v)
     return caps
@@ -623,6 +623,12 @@ def test_doctor_and_watch_agree_that_no_btf_means_no_backend():
     f = check_backend(caps)
     assert f.severity == "risk" and f.title.startswith("no probe backend can run") and "BTF" in f.title
     assert "CONFIG_DEBUG_INFO_BTF" in f.title + f.fix and "`rst-tracer watch` cannot attach" in f.detail
+
+
+def test_doctor_and_watch_agree_that_bcc_must_be_importable():
+    from tracer.probes.capabilities import choose_backend
+    backend, why = choose_backend(kernel_with_headers(bcc=""))
+    assert backend == "" and "python3-bpfcc" in why and "--system-site-packages" in why
 
 
 def test_doctor_unknown_namespace_is_a_usage_error():

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from .topology import LabError, _project_root
@@ -26,7 +26,10 @@ def effective_verdicts(records, netns=None) -> tuple:
             verdicts.append(r)
         elif r.get("type") == "correction":
             corrections.append(r)
-            i = where.pop(r["supersedes"])
+            i = where.pop(r["supersedes"], None)
+            if i is None:             # what it corrects was filtered out: it stands for itself
+                i = len(verdicts)
+                verdicts.append(r)
             where[r["id"]] = i
             verdicts[i] = r
     return verdicts, corrections
@@ -54,23 +57,31 @@ class TracerProcess:
     def start(self, timeout: float = 60.0) -> dict:
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, cwd=_project_root(), env=self.env)
+        # both pipes are read as the tracer writes them: blocked on a full pipe (the host's
+        # other namespaces have verdicts too), it would read its context late, after the
+        # scenario's state (counters, a lowered sysctl) is gone
+        attached, out, err = threading.Event(), [], []
+
+        def read_stdout():
+            for line in self.proc.stdout:
+                out.append(line)
+                if not attached.is_set() and line.strip():
+                    rec = json.loads(line)
+                    if rec.get("type") == "status" and rec.get("state") == "attached":
+                        self.attached = rec
+                        attached.set()
+        self._readers = [threading.Thread(target=read_stdout, daemon=True),
+                         threading.Thread(target=lambda: err.extend(self.proc.stderr), daemon=True)]
+        self._out, self._err = out, err
+        for t in self._readers:
+            t.start()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            r, _, _ = select.select([self.proc.stdout], [], [], 0.5)
-            if r:
-                line = self.proc.stdout.readline()
-                if not line:
-                    break
-                rec = json.loads(line)
-                self.records.append(rec)
-                if rec.get("type") == "status" and rec.get("state") == "attached":
-                    self.attached = rec
-                    return rec
-            elif self.proc.poll() is not None:
-                break
-        err = self.proc.stderr.read() if self.proc.poll() is not None else ""
+        while not attached.wait(0.5) and self.proc.poll() is None and time.monotonic() < deadline:
+            pass
+        if attached.is_set():
+            return self.attached
         self.stop()
-        raise LabError(f"tracer did not attach: {err.strip() or 'timeout'}")
+        raise LabError(f"tracer did not attach: {self.stderr.strip() or 'timeout'}")
 
     def stop(self, settle: float = 0.3) -> list:
         """SIGINT (a clean detach), then every record it printed."""
@@ -80,12 +91,14 @@ class TracerProcess:
             time.sleep(settle)  # let the last events cross the ring buffer
             self.proc.send_signal(signal.SIGINT)
         try:
-            out, err = self.proc.communicate(timeout=30)
+            self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            out, err = self.proc.communicate()
-        self.stderr = err
-        self.records += [json.loads(line) for line in out.splitlines() if line.strip()]
+            self.proc.wait()
+        for t in self._readers:
+            t.join()
+        self.stderr = "".join(self._err)
+        self.records += [json.loads(line) for line in self._out if line.strip()]
         self.proc = None
         return self.records
 

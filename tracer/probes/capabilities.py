@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import importlib.util
 import os
 import platform
 from dataclasses import asdict, dataclass, field
@@ -164,15 +165,21 @@ def fallback_header_trees() -> list:
 
 
 def _bcc_version() -> str:
-    for pattern in ("/usr/lib/python3/dist-packages/bcc/version.py",):
-        try:
-            with open(pattern) as f:
-                for line in f:
-                    if "__version__" in line:
-                        return line.split("=")[1].strip().strip("'\"")
-        except OSError:
-            continue
-    return ""
+    """BCC's version if this Python can import it ("" if not: doctor and watch must agree)."""
+    try:
+        spec = importlib.util.find_spec("bcc")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    try:
+        with open(os.path.join(list(spec.submodule_search_locations)[0], "version.py")) as f:
+            for line in f:
+                if "__version__" in line:
+                    return line.split("=")[1].strip().strip("'\"")
+    except OSError:
+        pass
+    return "unknown"
 
 
 def detect() -> Capabilities:
@@ -220,6 +227,9 @@ def choose_backend(caps: Capabilities, wanted: str = "auto") -> tuple:
         # (tracer/probes/loader.py): headers alone do not do
         return "", (f"no BTF ({caps.btf_error or VMLINUX_BTF + ' unreadable'}): struct offsets and "
                     "reason names come from it")
+    if not caps.bcc:
+        return "", ("BCC is not importable from this Python: install python3-bpfcc and run /usr/bin/python3 "
+                    "or a venv made with --system-site-packages (scripts/setup.sh does)")
     if not (caps.matching_headers or caps.fallback_headers):
         return "", "no kernel headers for BCC (install linux-headers-amd64)"
     tp_ok = all(caps.tracepoints.values())
