@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 
 APT_PKGS=(python3-bpfcc python3-venv python3-pip linux-headers-amd64 iproute2 iptables
           nftables conntrack iperf3 ethtool tcpdump tshark rsyslog)
+# what only the side-by-side benchmark runs (bench/compare.py asks with --bench): not in the
+# VM images, which have no network
+if [ "${1:-}" = "--bench" ]; then
+    APT_PKGS+=(nginx-light wrk bpftrace)
+fi
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
