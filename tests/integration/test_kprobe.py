@@ -17,6 +17,7 @@ import pytest
 from tracer.lab import scenarios
 from tracer.lab.harness import TracerProcess, effective_verdicts
 from tracer.lab.topology import CLI6_ADDR, SRV6_ADDR, SRV_ADDR, NatLab
+from tracer.kallsyms import loaded_modules
 from tracer.probes import capabilities
 from tracer.recording import RecordingError, read_recording
 
@@ -33,7 +34,7 @@ pytestmark = [pytest.mark.root,
 
 
 def modules_loaded() -> set:
-    return capabilities.loaded_modules() & set(NAT_MODULES)
+    return (loaded_modules() or frozenset()) & set(NAT_MODULES)
 
 
 class KprobeTracer(TracerProcess):

@@ -13,6 +13,7 @@ import platform
 from dataclasses import asdict, dataclass, field
 
 from .btf import VMLINUX_BTF, BTF, BTFError
+from ..kallsyms import Kallsyms, loaded_modules
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 # Raw tracepoints the tracepoint backend attaches to; all must exist.
@@ -103,30 +104,13 @@ def is_privileged() -> bool:
 
 
 def kallsyms_has(names) -> dict:
-    wanted = set(names)
-    found = dict.fromkeys(wanted, False)
-    try:
-        with open("/proc/kallsyms") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 3 and parts[2] in wanted:
-                    found[parts[2]] = True
-    except OSError:
-        pass
-    return found
-
-
-def loaded_modules() -> set:
-    try:
-        with open("/proc/modules") as f:
-            return {line.split()[0] for line in f if line.strip()}
-    except OSError:
-        return set()
+    symbols = Kallsyms.current()
+    return {name: name in symbols for name in names}
 
 
 def kprobe_points(found: dict) -> dict:
     """Which functions of the kprobe backend are in kallsyms now, and why not."""
-    modules = loaded_modules()
+    modules = loaded_modules() or frozenset()
     points = {}
     for fn, module in KPROBE_POINTS.items():
         if found.get(fn):

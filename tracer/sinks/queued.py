@@ -18,6 +18,7 @@ Semantics, the same for every destination:
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 from collections import deque
@@ -115,11 +116,13 @@ class QueuedSink(Sink):
                     "dropped": self.dropped, "errors": self.errors, "connected": self.connected}
 
     def close(self, timeout: float = None) -> None:
+        """Deliver what is queued for up to `timeout` s (default: the sink's flush_timeout;
+        math.inf: as long as it takes), then drop and count the rest."""
         timeout = self.flush_timeout if timeout is None else timeout
         with self._cond:
             self._closing = self._kick = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        self._thread.join(None if timeout == math.inf else timeout)
         if self._thread.is_alive():
             with self._cond:
                 self._abort = True
