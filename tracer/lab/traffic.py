@@ -554,6 +554,122 @@ def race(args) -> None:
         max_latency=max(lat) if lat else None, median_latency=sorted(lat)[len(lat) // 2] if lat else None)
 
 
+# -- UDP churn (DNS-like) -------------------------------------------------------------
+DNS_TTL = 60
+
+
+def _dns_query(name: str) -> bytes:
+    """A standard query (id 0, recursion desired) for the A record of `name`."""
+    qname = b"".join(bytes([len(label)]) + label.encode() for label in name.split(".")) + b"\0"
+    return struct.pack("!HHHHHH", 0, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", 1, 1)
+
+
+def udp_responder(args) -> None:
+    """Answers every DNS-like query with one A record (--answer), whoever sends it."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.bind((args.addr, args.port))
+    answer = struct.pack("!HHHIH", 0xC00C, 1, 1, DNS_TTL, 4) + socket.inet_aton(args.answer)
+    _exit_with_stdin()
+    say(event="listening", addr=args.addr, port=args.port)
+    while True:
+        q, peer = s.recvfrom(512)
+        if len(q) >= 12:  # id, then flags: response, recursion desired/available; one answer
+            s.sendto(q[:2] + b"\x81\x80" + q[4:6] + b"\x00\x01" + q[8:] + answer, peer)
+
+
+def _udp_churn(args, rate: float, lo: int, hi: int) -> dict:
+    import collections
+    _raise_nofile()
+    ep = select.epoll()
+    waiting: dict = {}   # fd -> socket awaiting its answer
+    expiry = collections.deque()   # (deadline, fd, socket), in sending order
+    query = _dns_query(args.name)
+    nports = hi - lo + 1
+    sent = answered = timeouts = errors = attempts = 0
+
+    def reap(timeout: float) -> None:
+        nonlocal answered, timeouts
+        for fd, _ in ep.poll(timeout):
+            s = waiting.pop(fd)
+            try:
+                s.recv(512)
+                answered += 1
+            except OSError:   # ICMP unreachable and the like
+                timeouts += 1
+            s.close()         # closing removes it from the epoll set
+        now = time.monotonic()
+        while expiry and expiry[0][0] <= now:
+            _, fd, s = expiry.popleft()
+            if waiting.get(fd) is s:  # not answered (an answered one's fd may be reused)
+                del waiting[fd]
+                s.close()
+                timeouts += 1
+
+    start = time.monotonic()
+    end = start + args.seconds
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            break
+        due = int((now - start) * rate) - sent
+        for _ in range(min(due, 256)):
+            port = lo + attempts % nports
+            attempts += 1
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setblocking(False)
+            try:
+                s.bind((args.bind, port))
+                s.sendto(struct.pack("!H", attempts & 0xFFFF) + query[2:], (args.addr, args.port))
+            except OSError:
+                errors += 1
+                s.close()
+                continue
+            waiting[s.fileno()] = s
+            ep.register(s.fileno(), select.EPOLLIN)
+            expiry.append((now + args.timeout, s.fileno(), s))
+            sent += 1
+        reap(0 if due > 256 else min(0.001, max(0.0, start + (sent + 1) / rate - time.monotonic())))
+    elapsed = time.monotonic() - start
+    deadline = time.monotonic() + args.timeout
+    while waiting and time.monotonic() < deadline:
+        reap(0.01)
+    timeouts += len(waiting)
+    return {"sent": sent, "answered": answered, "timeouts": timeouts, "errors": errors, "seconds": elapsed}
+
+
+def _udp_churn_worker(k, args, q) -> None:
+    span = (args.sport_hi - args.sport_lo + 1) // args.procs
+    lo = args.sport_lo + k * span
+    try:
+        q.put(_udp_churn(args, args.rate / args.procs, lo, lo + span - 1))
+    except BaseException as e:  # the parent must hear from every worker
+        q.put({"error": f"worker {k}: {e!r}"})
+
+
+def udp_churn(args) -> None:
+    """DNS-like queries at --rate per second for --seconds, each from a new socket bound to
+    the next source port of --sport-lo..--sport-hi (a port comes back only after
+    (hi - lo + 1) / rate s: with a shorter conntrack UDP timeout on the way, every query is
+    a new flow); each answer is awaited --timeout s. --procs processes share the rate and
+    the port range. Reports {"event": "done", sent, answered, timeouts, errors, seconds}."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    ps = [ctx.Process(target=_udp_churn_worker, args=(k, args, q)) for k in range(args.procs)]
+    for p in ps:
+        p.start()
+    results = [q.get(timeout=args.seconds + args.timeout + 30) for _ in ps]
+    for p in ps:
+        p.join(5)
+    errors = [r["error"] for r in results if "error" in r]
+    if errors:
+        say(event="error", text="udp-churn workers failed", errors=errors)
+        sys.exit(1)
+    say(event="done", **{key: sum(r[key] for r in results) for key in ("sent", "answered", "timeouts", "errors")},
+        seconds=max(r["seconds"] for r in results))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m tracer.lab.traffic")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -615,9 +731,25 @@ def main(argv=None) -> None:
     r.add_argument("--lead", type=float, default=0.5)
     r.add_argument("--timeout", type=float, default=3.5)
     r.add_argument("--slow", type=float, default=0.5)
+    u = sub.add_parser("udp-responder")
+    u.add_argument("--addr", required=True)
+    u.add_argument("--port", type=int, default=53)
+    u.add_argument("--answer", default="192.0.2.1")
+    g = sub.add_parser("udp-churn")
+    g.add_argument("--addr", required=True)
+    g.add_argument("--port", type=int, default=53)
+    g.add_argument("--bind", default="0.0.0.0")
+    g.add_argument("--rate", type=float, default=20000)
+    g.add_argument("--seconds", type=float, default=5)
+    g.add_argument("--timeout", type=float, default=0.5)
+    g.add_argument("--sport-lo", type=int, default=10000)
+    g.add_argument("--sport-hi", type=int, default=60999)
+    g.add_argument("--procs", type=int, default=1)
+    g.add_argument("--name", default="churn.bench.lab")
     args = p.parse_args(argv)
     {"server": serve, "client": client, "connect-many": connect_many, "inject": inject, "peer": peer,
-     "sniff": sniff, "sink": sink, "hold": hold, "race": race}[args.cmd](args)
+     "sniff": sniff, "sink": sink, "hold": hold, "race": race, "udp-responder": udp_responder,
+     "udp-churn": udp_churn}[args.cmd](args)
 
 
 if __name__ == "__main__":
