@@ -11,7 +11,7 @@ APT_PKGS=(python3-bpfcc python3-venv python3-pip linux-headers-amd64 iproute2 ip
 # what only the side-by-side benchmark runs (bench/compare.py asks with --bench): not in the
 # VM images, which have no network
 if [ "${1:-}" = "--bench" ]; then
-    APT_PKGS+=(nginx-light wrk bpftrace)
+    APT_PKGS+=(nginx-light wrk bpftrace gcc libc6-dev)
 fi
 
 log() { printf '[setup] %s\n' "$*" >&2; }
