@@ -250,7 +250,39 @@ def test_table_full_names_each_dropped_syn():
         assert len(full) >= run.facts["dropped_syns"] >= 1
         failed = {(c["inside"]["src"], c["inside"]["sport"]) for c in run.facts["failed"]}
         assert failed <= {(v["flow"]["src"], v["flow"]["sport"]) for v in full}
-        assert {"no_conntrack", "table"} <= run.evidence(full[0]).keys()
+        assert {"no_conntrack", "table", "drop_counters"} <= run.evidence(full[0]).keys()
+        # read while the max was lowered: the tracer kept up with the scenario
+        assert {run.evidence(v)["table"]["max"] for v in full} == {run.facts["max_during"]}
+
+
+def test_raw_table_drops_are_firewall_drops_never_conntrack():
+    """SYNs and data the router's firewall drops before conntrack tracks them (raw-table
+    DROP, NOTRACK then UNTRACKED DROP): conntrack counts nothing, so neither a full table
+    nor an INVALID segment; every SYN the router took in on the wire is one such drop."""
+    with traced("raw-drop") as run:
+        assert run.assert_wire_covered()["rsts"] == 0
+        assert not [v for v in run.verdicts if v["cause"] != "firewall_drop"]
+        assert run.facts["conntrack_rise"]["drop"] == run.facts["conntrack_rise"]["invalid"] == 0
+        by_port = {}
+        for v in run.verdicts:
+            assert v["direction"] == "dropped" and v["netns"] == run.facts["netns"]["nat"]
+            by_port.setdefault(v["flow"]["dport"], []).append(v)
+        for case in run.facts["cases"]:
+            inside = case["inside"]
+            hits = by_port[inside["dport"]]
+            assert {(v["flow"]["src"], v["flow"]["sport"]) for v in hits} == {(inside["src"], inside["sport"])}
+            assert len(hits) >= case["dropped"] >= 1
+            if case["kind"] == "notrack":
+                assert all("NOTRACK" in v["summary"] and run.evidence(v)["drop"]["ctinfo"] == 7 for v in hits)
+            else:
+                assert all("before conntrack tracked it" in v["summary"] for v in hits)
+                assert all(run.evidence(v)["conntrack_counters"]["rise"]["drop"] == 0 for v in hits)
+        syn_ports = {c["inside"]["dport"] for c in run.facts["cases"] if c["kind"] != "data"}
+        wire = sorted((p.sport, p.seq) for p in run.packets
+                      if (p.ns, p.iface) == (run.names["nat"], "n1") and p.dport in syn_ports)
+        assert wire and wire == sorted((v["flow"]["sport"], v["packet"]["seq"]) for port in syn_ports
+                                       for v in by_port[port])
+        assert not [p for p in run.packets if p.iface == "n2" and p.dport in syn_ports]
 
 
 def test_app_abort_each_side_named_with_its_reason():
