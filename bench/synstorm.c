@@ -102,7 +102,7 @@ int main(int argc, char **argv) {
     double start = now(), end = start + seconds, t;
     while ((t = now()) < end) {
         long long due = (long long)((t - start) * rate) - sent;
-        while (due > 0) {
+        while (due > 0 && now() < end) {   /* behind (CPU taken): catch up, but only until the end */
             int n = due < BATCH ? (int)due : BATCH;
             for (int i = 0; i < n; i++)
                 iov[i].iov_base = pkts + (size_t)((sent + i) % nports) * PKT_LEN;
