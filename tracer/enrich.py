@@ -49,11 +49,23 @@ def read_sysctls(ns) -> dict:
     return in_netns(ns, lambda: read_conntrack_sysctls(SYSCTLS)) or {}
 
 
-def read_nat_rules(ns) -> dict:
-    """Source-NAT rules of the namespace (iptables legacy/nft and nft, as doctor reads them)
-    and whether they all randomise fully."""
-    rules = [r for r in in_netns(ns, lambda: read_rules(handles=False)).nat if r.kind in SOURCE_NAT]
-    return {"rules": [r.text for r in rules], "random_fully": bool(rules) and all(r.random_fully for r in rules)}
+def firewall_facts(rs) -> dict:
+    """What a remedy must fit, from a namespace's rule sets: its source-NAT rules (and
+    whether they all randomise fully, and the commands that would make them), whether Docker
+    or kube-proxy manage its rules (their chains exist: they rewrite rules of their own), and
+    whether its NAT is native nftables (no iptables NAT rule to edit)."""
+    rules = [r for r in rs.nat if r.kind in SOURCE_NAT]
+    names = {c[3] for c in rs.chains}
+    return {"rules": [r.text for r in rules], "random_fully": bool(rules) and all(r.random_fully for r in rules),
+            "fixes": [r.fix for r in rules if r.fix],
+            "docker": bool(names & {"DOCKER-USER", "DOCKER"}),
+            "kube_proxy": any(n.startswith("KUBE-") for n in names),
+            "nft": bool(rs.nat) and all(r.source == "nft" for r in rs.nat)}
+
+
+def read_firewall(ns) -> dict:
+    """firewall_facts of a namespace, read as doctor reads it (iptables legacy/nft and nft)."""
+    return firewall_facts(in_netns(ns, lambda: read_rules(handles=False)))
 
 
 class TimedCache:
@@ -83,7 +95,7 @@ class NetnsHandles:
         self._ct: dict = {}
         self._links: dict = {}
         self._stats_seen: dict = {}   # netns -> {stat: value at the last look}
-        self._rules = TimedCache()    # netns -> nat rules
+        self._rules = TimedCache()    # netns -> firewall facts
         self._sysctls = TimedCache()
 
     def conntrack(self, inode: int):
@@ -173,9 +185,9 @@ class NetnsHandles:
             if now is not None:
                 self._stats_seen[inode] = now
 
-    def nat_rules(self, inode: int) -> dict:
+    def firewall(self, inode: int) -> dict:
         fd = self.ns.fd(inode)
-        return self._rules.get(inode, lambda: read_nat_rules(fd) if fd is not None else {})
+        return self._rules.get(inode, lambda: read_firewall(fd) if fd is not None else {})
 
     def sysctls(self, inode: int) -> dict:
         fd = self.ns.fd(inode)
@@ -190,9 +202,10 @@ class Enricher:
     """Adds the context each event needs to its KernelEvent.context, nothing more: counters
     only where a conntrack cause is possible, cross-namespace lookups rate-limited."""
 
-    def __init__(self, namespaces: Namespaces):
+    def __init__(self, namespaces: Namespaces, workloads=None):
         self.ns = namespaces
         self.handles = NetnsHandles(namespaces)
+        self.workloads = workloads        # tracer.workloads.Resolver, or None: names nothing
         self._elsewhere_budget = (0, 0)   # (second, lookups done in it)
         self._ports = TimedCache(ttl=1.0)  # a flush deletes thousands of entries for one port
 
@@ -239,12 +252,45 @@ class Enricher:
             ctx.sysctls = self.handles.sysctls(ev.netns)
             ctx.ct_max = ctx.sysctls.get("nf_conntrack_max")
             if ev.skb_ct is not None:
-                ctx.nat_rule = self.handles.nat_rules(ev.netns)
+                ctx.nat_rule = self.handles.firewall(ev.netns)
+                ctx.firewall[ev.netns] = ctx.nat_rule
         if ev.kind == CT_DESTROY:
             ctx.sysctls = self.handles.sysctls(ev.netns)
             if ev.portid:
                 ctx.requester = self._ports.get(ev.portid, lambda: process_of_port(ev.portid))
+        # the router of a flow a remedy will address: where its NAT entry was found or deleted
+        routers = [hit["netns"] for hit in ctx.nat_elsewhere]
+        if ev.kind == CT_DESTROY or (ctx.conntrack is not None and ctx.conntrack.nat):
+            routers.append(ev.netns)
+        for inode in routers:
+            ctx.firewall[inode] = self.handles.firewall(inode)
+        if self.workloads is not None:
+            ctx.workloads = self._workloads(ev)
         return ev
+
+    def _workloads(self, ev: KernelEvent) -> list:
+        """What lives in the event's namespace, in the routers it names, and behind every
+        address of its tuples and entries (the inside client of a NATed flow): dictionary
+        reads of the resolver's tables."""
+        ctx, r = ev.context, self.workloads
+        found = [r.by_netns(ev.netns)] + [r.by_netns(hit["netns"]) for hit in ctx.nat_elsewhere]
+        tuples = [ev.flow] + [t for e in (ev.skb_ct, ev.entry, ctx.conntrack) if e is not None
+                              for t in (e.orig, e.reply)]
+        tuples += [t for hit in ctx.nat_elsewhere for t in (hit["entry"].orig, hit["entry"].reply)]
+        found += [r.by_addr(a) for a in {ep.addr for t in tuples if t is not None for ep in (t.src, t.dst)}]
+        out: dict = {}
+        for w in found:
+            if w is not None and w.netns not in out:
+                out[w.netns] = dict(w.record, netns_name=self.ns.name(w.netns))
+        return list(out.values())
+
+    def namespaces_changed(self, added, removed) -> None:
+        """Namespace discovery's news, for the resolver (it looks in its background thread)."""
+        if self.workloads is not None and (added or removed):
+            self.workloads.namespaces_added(added)
+            self.workloads.namespaces_removed(removed)
 
     def close(self) -> None:
         self.handles.close()
+        if self.workloads is not None:
+            self.workloads.close()

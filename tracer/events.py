@@ -123,6 +123,12 @@ class Context:
     nat_rule: dict = field(default_factory=dict)  # {"random_fully": bool, "rules": [...]}
     sysctls: dict = field(default_factory=dict)    # conntrack sysctls of the namespace
     requester: dict = field(default_factory=dict)  # ct_destroy over ctnetlink: {pid, comm} of its port
+    # what lives in the namespaces and behind the addresses this event names (tracer/workloads.py):
+    # [{"netns", "netns_name", "addrs", "containers": [...], "pod"}], only those with a container or pod
+    workloads: list = field(default_factory=list)
+    # the firewall of the namespaces a remedy may address: {netns: {"docker", "kube_proxy", "nft",
+    # "rules", "random_fully", "fixes"}} (enrich.read_firewall)
+    firewall: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -57,13 +57,23 @@ class RuleSet:
     invalid_drops: list = field(default_factory=list)
     read: list = field(default_factory=list)    # {"source", "status": read|absent|error, "detail"}
     tables: set = field(default_factory=set)    # (source, family, table) seen
+    chains: set = field(default_factory=set)    # (source, family, table, chain) seen: who manages the rules
 
     def extend(self, other: "RuleSet") -> "RuleSet":
         self.nat += other.nat
         self.invalid_drops += other.invalid_drops
         self.read += other.read
         self.tables |= other.tables
+        self.chains |= other.chains
         return self
+
+
+def nft_invalid_drop_command(nft_family: str, hook: str, prefix: str = "") -> str:
+    """The nft commands that drop INVALID packets at `hook` (input, forward) in a table of
+    our own, ahead of the filter chains (priority -1): where NAT is native nftables."""
+    return (f"{prefix}nft add table {nft_family} rst_tracer && {prefix}nft add chain {nft_family} rst_tracer "
+            f"{hook} '{{ type filter hook {hook} priority -1; policy accept; }}' && "
+            f"{prefix}nft add rule {nft_family} rst_tracer {hook} ct state invalid drop")
 
 
 # -- iptables-save ----------------------------------------------------------------------------
@@ -117,6 +127,7 @@ def parse_iptables_save(text: str, family: str = V4, source: str = "iptables",
             continue
         if line.startswith(":"):
             chains[table].setdefault(line[1:].split()[0], [])
+            rs.chains.add((source, family, table, line[1:].split()[0]))
             continue
         if line.startswith("[") and "]" in line:       # iptables-save -c counters
             line = line.split("]", 1)[1].strip()
@@ -281,6 +292,8 @@ def parse_nft_json(text: str, prefix: str = "", handles: Optional[dict] = None,
         if "chain" in item:
             c = item["chain"]
             chains[(c.get("family"), c.get("table"), c.get("name"))] = c
+            for f in NFT_FAMILIES.get(c.get("family"), ()):
+                rs.chains.add(("nft", f, c.get("table"), c.get("name")))
         elif "rule" in item:
             r = item["rule"]
             rules.setdefault((r.get("family"), r.get("table"), r.get("chain")), []).append(r)

@@ -37,6 +37,7 @@ from .sources.netlink import NetlinkMonitor
 from .sources.ringbuf import RingBuffer
 from .storm import Storm
 from .summary import Summary
+from .workloads import Resolver
 
 log = structlog.get_logger("rst-tracer")
 LOSS_CHECK_INTERVAL = 0.5
@@ -83,11 +84,13 @@ class Watch:
         clock = Clock()
         names = KernelNames.from_kernel(btf, clock)
         namespaces = Namespaces()
+        workloads = Resolver()
+        workloads.start()    # background threads: names come while the probes compile
         attributor = Attributor(backend.name, host)
         # the recording carries the verdict id prefix so replay reproduces the ids too
         recorder = Recorder(record_path, backend.name, attributor.id_prefix) if record_path else None
         return cls(backend, RingBuffer(backend, names), namespaces, NetlinkMonitor(clock),
-                   Enricher(namespaces), attributor, sinks, vfilter, recorder, host,
+                   Enricher(namespaces, workloads), attributor, sinks, vfilter, recorder, host,
                    refresh=(backend.refresh, names.refresh))
 
     # -- one iteration -----------------------------------------------------------------
@@ -117,6 +120,7 @@ class Watch:
             self.monitor.add(inode, self.namespaces.fd(inode))
         if added:
             self.backend.mark_netns_known(added)
+        self.enricher.namespaces_changed(added, removed)
 
     def _enrich(self, ev) -> None:
         try:

@@ -67,7 +67,8 @@ def make_watch(ring_batches, monitor_batches):
     ring, monitor = ScriptedSource(ring_batches), ScriptedSource(monitor_batches)
     backend = types.SimpleNamespace(known=[], name="tracepoint", shed_counts=dict, shed_ordinary=lambda on: None)
     backend.mark_netns_known = backend.known.extend
-    enricher = types.SimpleNamespace(enrich=lambda ev: ev)   # recorded events carry their context
+    enricher = types.SimpleNamespace(enrich=lambda ev: ev,   # recorded events carry their context
+                                     namespaces_changed=lambda added, removed: None)
     sink = ListSink()
     w = Watch(backend, ring, FakeNamespaces(), monitor, enricher, Attributor("tracepoint", "h"), [sink],
               VerdictFilter(), host="h")

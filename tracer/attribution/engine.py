@@ -55,6 +55,7 @@ class Attributor:
         """The verdict of a reset or drop; for context events (deletions, address and device
         changes, INVALID reasons, bindings) none, but the corrections they bring, if any."""
         self.state.now = ev.mono
+        self.state.workloads.learn(ev.context, ev.mono)
         if ev.kind == CT_DESTROY:
             gone = self.state.add_deletion(ev)
             return self._revise(self._near({gone.entry.reply.src, gone.entry.orig.dst}), ev)
@@ -140,12 +141,39 @@ class Attributor:
             evidence=f.evidence, remedy=f.remedy, backend=self.backend, kernel=kernel,
             related=({"id": f.related["id"], "cause": f.related["cause"]} if f.related else None),
             process={"pid": ev.pid, "comm": ev.comm} if ev.pid else None,
+            workloads=self._workloads(ev, f),
         )
         if supersedes is not None:
             v.supersedes, v.superseded_cause = supersedes.id, supersedes.cause
             v.correction = (f"{_fact_name(fact)} read {fact.mono - ev.mono:.3f}s after the event "
                             f"explains it better than {supersedes.cause} (verdict {supersedes.id})")
         return v
+
+
+    def _workloads(self, ev: KernelEvent, f: Finding) -> Optional[dict]:
+        """The containers and pods of the verdict's endpoints, by role: `local` (its own
+        namespace); with NAT, `client` (behind the inside tuple's source), `router` (where the
+        entry was) and `server` (behind the NATed tuple's destination); without, `peer` (the
+        flow's other end, when it lives on this host). Only roles where something is known."""
+        book, now, roles = self.state.workloads, ev.mono, {}
+
+        def put(role: str, w: Optional[dict], addr: str = "") -> None:
+            if w is not None:
+                roles[role] = {"netns": w["netns"], "netns_name": w.get("netns_name", ""),
+                               "containers": w["containers"], "pod": w["pod"], **({"addr": addr} if addr else {})}
+        put("local", book.netns(ev.netns, now))
+        if f.nat:
+            put("client", book.addr(f.nat["inside"]["src"], now), f.nat["inside"]["src"])
+            if f.router:
+                put("router", book.netns(f.router["netns"], now))
+            put("server", book.addr(f.nat["outside"]["dst"], now), f.nat["outside"]["dst"])
+        elif ev.flow:
+            for ep in (ev.flow.src, ev.flow.dst):
+                w = book.addr(ep.addr, now)
+                if w is not None and w["netns"] != ev.netns:
+                    put("peer", w, ep.addr)
+                    break
+        return roles or None
 
 
 def _related_id(f: Finding) -> Optional[str]:

@@ -9,6 +9,7 @@ from typing import Optional
 from ..events import (IPS_CONFIRMED, IPS_SRC_NAT, LINK_DOWN, RST_RECEIVED, RST_SENT, SKB_DROPPED,
                       KernelEvent, ct_status_names, flag_names)
 from ..schema import Evidence, Remedy
+from . import remedies
 from .state import AttributionState, Deletion, Trigger
 
 @dataclass
@@ -21,6 +22,11 @@ class Finding:
     nat: Optional[dict] = None
     related: Optional[dict] = None
     keys: list = field(default_factory=list)   # endpoint sets this root cause concerns
+    router: Optional[dict] = None              # {netns, netns_name} where the NAT entry was
+
+
+def router_of(netns: int, netns_name: str) -> dict:
+    return {"netns": netns, "netns_name": netns_name}
 
 
 def segment_evidence(ev: KernelEvent) -> Evidence:
@@ -128,8 +134,10 @@ class ConntrackInvalidUnnat(Rule):
             f"conntrack marked a segment of NATed flow {inside} INVALID "
             f"({verdict.invalid_reason if verdict else 'out of window'}); it was "
             f"not de-NATed and this host answered RST on {outside}",
-            "high" if (delta.get("invalid") or verdict) else "medium", evidence, self.REMEDY,
-            nat=nat_tuples(ct), keys=[inside.endpoints(), outside.endpoints()])
+            "high" if (delta.get("invalid") or verdict) else "medium", evidence,
+            remedies.invalid_drop(self.REMEDY, state.firewall(ev.netns)),
+            nat=nat_tuples(ct), keys=[inside.endpoints(), outside.endpoints()],
+            router=router_of(ev.netns, ev.context.netns_name))
 
     def _dnat_side(self, ev, hit, state):
         ct = hit["entry"]
@@ -146,8 +154,10 @@ class ConntrackInvalidUnnat(Rule):
             self.cause,
             f"conntrack in {hit['netns_name'] or hit['netns']} marked a reply of {ct.orig} INVALID; "
             f"it reached the client un-NATed from {ct.reply.src} and the client answered RST",
-            "high" if (delta.get("invalid") or verdict) else "medium", evidence, self.REMEDY,
-            nat=nat_tuples(ct), keys=[ct.orig.endpoints(), ct.reply.endpoints()])
+            "high" if (delta.get("invalid") or verdict) else "medium", evidence,
+            remedies.invalid_drop(self.REMEDY, state.firewall(hit["netns"])),
+            nat=nat_tuples(ct), keys=[ct.orig.endpoints(), ct.reply.endpoints()],
+            router=router_of(hit["netns"], hit["netns_name"]))
 
 
 # -- incidents 3 and 4: the entry went away --------------------------------------------
@@ -268,12 +278,14 @@ class ConntrackFlushed(Rule):
         by_device = trigger.kind == LINK_DOWN if trigger is not None else gone.reason == "device"
         remedy = self.REMEDY_CTNETLINK if gone.by_ctnetlink else self.REMEDY_DEVICE if by_device \
             else self.REMEDY_ADDRESS if known else self.REMEDY_UNKNOWN
+        if remedy in (self.REMEDY_DEVICE, self.REMEDY_ADDRESS):
+            remedy = remedies.stable_snat(remedy, state.firewall(gone.netns))
         return Finding(self.cause,
                        f"conntrack entry of {gone.entry.orig} was flushed by {what}; "
                        f"{'its next packet was re-NATed to a new port' if how == 'renated' else 'the next packet was not de-NATed'}"
                        f" and drew this RST",
                        "high" if known or gone.reason else "medium", evidence,
-                       remedy, nat=nat, keys=keys)
+                       remedy, nat=nat, keys=keys, router=router_of(gone.netns, gone.netns_name))
 
 
 class ConntrackExpired(Rule):
@@ -302,7 +314,8 @@ class ConntrackExpired(Rule):
         return Finding(self.cause, f"conntrack entry of {gone.entry.orig} expired after idling past "
                        f"{timeout}s; the next packet drew this RST", "high" if timeout else "medium",
                        evidence, remedy, nat=nat,
-                       keys=[gone.entry.orig.endpoints(), gone.entry.reply.endpoints()])
+                       keys=[gone.entry.orig.endpoints(), gone.entry.reply.endpoints()],
+                       router=router_of(gone.netns, gone.netns_name))
 
 
 # -- incident 2 and the table ----------------------------------------------------------
@@ -345,13 +358,15 @@ class SnatPortClash(Rule):
                             "connection rates to one destination; widen the source port range or add "
                             "SNAT addresses.", ["sysctl -w net.ipv4.ip_local_port_range='10240 65535'"])
         else:
-            remedy = Remedy("Randomise NAT port selection fully (iptables >= 1.6.2; kube-proxy, "
-                            "flannel and Cilium have options for it). Reduces, does not eliminate.",
-                            ["iptables -t nat -R POSTROUTING <n> -o <if> -j MASQUERADE --random-fully"])
+            remedy = remedies.random_fully(
+                Remedy("Randomise NAT port selection fully (iptables >= 1.6.2; kube-proxy, "
+                       "flannel and Cilium have options for it). Reduces, does not eliminate.",
+                       ["iptables -t nat -R POSTROUTING <n> -o <if> -j MASQUERADE --random-fully"]),
+                state.firewall(ev.netns))
         return Finding(self.cause, f"SYN of {ct.orig} dropped: SNAT source port {ct.reply.dst.port} "
                        f"clashed with another connection at conntrack confirm (client waits >= 1 s)",
                        "high", evidence, remedy, nat=nat_tuples(ct),
-                       keys=[ct.orig.endpoints()])
+                       keys=[ct.orig.endpoints()], router=router_of(ev.netns, ev.context.netns_name))
 
 
 def netfilter_drop(ev: KernelEvent) -> bool:

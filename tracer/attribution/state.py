@@ -23,9 +23,10 @@ MEMORY_TTL_S = 3600.0
 # entry retains (CPython 3.11, measured with tracemalloc by tests/unit/test_state_memory.py,
 # which fails if an entry outgrows its figure). 66 MiB in all; the oldest entries go first.
 # The verdicts kept open to correction (engine.py) are budgeted here too.
-ENTRY_BYTES = {"deletion": 1800, "binding": 1400, "verdict": 800, "invalid": 4000, "judged": 3600}
+ENTRY_BYTES = {"deletion": 1800, "binding": 1400, "verdict": 800, "invalid": 4000, "judged": 3600,
+               "workload": 400}
 BUDGET_BYTES = {"deletion": 32 << 20, "binding": 16 << 20, "verdict": 8 << 20, "invalid": 2 << 20,
-                "judged": 8 << 20}
+                "judged": 8 << 20, "workload": 2 << 20}
 
 
 class BoundedMap:
@@ -155,6 +156,39 @@ class Binding:
     nat_range_flags: int = 0
 
 
+class WorkloadBook:
+    """What lives in which namespace and behind which address, and the firewall of each
+    router, as the events' contexts told it (enrichment: tracer/workloads.py, enrich.py).
+    A verdict names the workloads of its endpoints from here — a flushed entry's client is
+    named by the deletion's context, read before the reset — so a replay names them as the
+    live run did. The records are the contexts' own dicts: an entry retains only its keys."""
+
+    def __init__(self, ttl: float, budget: int, entry_bytes: int):
+        self._netns = BoundedMap(ttl, budget, entry_bytes)
+        self._addr = BoundedMap(ttl, budget, entry_bytes)
+        self._firewall = BoundedMap(ttl, budget, entry_bytes)
+
+    def learn(self, ctx, now: float) -> None:
+        for w in ctx.workloads:
+            self._netns.put(w["netns"], w, now)
+            for addr in w.get("addrs") or ():
+                self._addr.put(addr, w, now)
+        for inode, facts in ctx.firewall.items():
+            self._firewall.put(int(inode), facts, now)
+
+    def netns(self, inode: int, now: float) -> Optional[dict]:
+        hit = self._netns.get(inode, now)
+        return hit[1] if hit else None
+
+    def addr(self, addr: str, now: float) -> Optional[dict]:
+        hit = self._addr.get(addr, now)
+        return hit[1] if hit else None
+
+    def firewall(self, inode: int, now: float) -> dict:
+        hit = self._firewall.get(inode, now)
+        return hit[1] if hit else {}
+
+
 class AttributionState:
     def __init__(self, budget: Optional[dict] = None):
         budget = dict(BUDGET_BYTES, **(budget or {}))
@@ -169,7 +203,12 @@ class AttributionState:
         self._invalid = bounded("invalid", ttl=60)  # (netns, segment) -> ct_invalid event
         self._bindings = bounded("binding")        # (netns, reply) -> Binding
         self._bindings_any = bounded("binding")    # reply -> Binding  (the same objects)
+        self.workloads = WorkloadBook(MEMORY_TTL_S, budget["workload"], ENTRY_BYTES["workload"])
         self.now = 0.0
+
+    def firewall(self, netns: int) -> dict:
+        """The firewall facts of a namespace (docker, kube_proxy, nft, ...; {} unknown)."""
+        return self.workloads.firewall(netns, self.now)
 
     # -- root-cause verdicts ---------------------------------------------------------
     def remember(self, keys: list, record: dict, now: float) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-from ..nfrules import SOURCE_NAT, V6, RuleSet
+from ..nfrules import SOURCE_NAT, V6, RuleSet, nft_invalid_drop_command
 from .findings import INFO, OK, RISK, Finding
 
 
@@ -58,10 +58,7 @@ def _invalid_drop_fix(family: str, hook: str, nat_rules: list, prefix: str) -> s
     if ipt or not any(r.source == "nft" for r in nat_rules if r.family == family):
         tool = _iptables_tool(ipt[0].source if ipt else "iptables", family)
         return f"{prefix}{tool} -I {chain} -m conntrack --ctstate INVALID -j DROP"
-    fam = "ip6" if family == V6 else "ip"
-    return (f"{prefix}nft add table {fam} rst_tracer && {prefix}nft add chain {fam} rst_tracer {hook} "
-            f"'{{ type filter hook {hook} priority -1; policy accept; }}' && "
-            f"{prefix}nft add rule {fam} rst_tracer {hook} ct state invalid drop")
+    return nft_invalid_drop_command("ip6" if family == V6 else "ip", hook, prefix)
 
 
 def check_invalid_drop(rs: RuleSet, be_liberal: Optional[int], kernel_version: tuple = (),

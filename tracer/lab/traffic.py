@@ -466,7 +466,7 @@ def _race_worker(k, args, t0, q) -> None:
 
 def _race(k, args, t0) -> list:
     import os
-    os.sched_setaffinity(0, {k % os.cpu_count()})
+    os.sched_setaffinity(0, {(k + args.cpu_offset) % os.cpu_count()})
     src = args.src_base.rsplit(".", 1)
     src = f"{src[0]}.{int(src[1]) + k}"
     _raise_nofile()
@@ -520,8 +520,10 @@ def race(args) -> None:
     import multiprocessing as mp
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    t0 = time.monotonic() + args.lead  # CLOCK_MONOTONIC is the same in every process
-    say(event="racing", start=time.time() + args.lead, procs=args.procs, rounds=args.rounds)
+    # CLOCK_MONOTONIC is the same in every process (and container): --at starts racers of
+    # several containers together
+    t0 = args.at or time.monotonic() + args.lead
+    say(event="racing", start=time.time() + t0 - time.monotonic(), procs=args.procs, rounds=args.rounds)
     ps = [ctx.Process(target=_race_worker, args=(k, args, t0, q)) for k in range(args.procs)]
     for p in ps:
         p.start()
@@ -731,6 +733,8 @@ def main(argv=None) -> None:
     r.add_argument("--lead", type=float, default=0.5)
     r.add_argument("--timeout", type=float, default=3.5)
     r.add_argument("--slow", type=float, default=0.5)
+    r.add_argument("--at", type=float, default=0.0)
+    r.add_argument("--cpu-offset", type=int, default=0)
     u = sub.add_parser("udp-responder")
     u.add_argument("--addr", required=True)
     u.add_argument("--port", type=int, default=53)

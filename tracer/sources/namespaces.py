@@ -36,6 +36,8 @@ log = structlog.get_logger("rst-tracer.namespaces")
 
 # directory -> prefix of the names of namespaces mounted there ("" = as `ip netns` shows them)
 NETNS_DIRS = {"/run/netns": "", "/run/docker/netns": "docker:"}
+# more of them, e.g. a Docker engine with its own --exec-root: DIR[=PREFIX][:DIR[=PREFIX]]...
+NETNS_DIRS_ENV = "RST_TRACER_NETNS_DIRS"
 WALK_INTERVAL_S = 30.0
 # a birth whose task is already gone is looked for by a walk, at most this often
 BIRTH_WALK_MIN_INTERVAL_S = 1.0
@@ -56,10 +58,21 @@ def _stat(path: str):
         return None
 
 
+def netns_dirs(extra: Optional[str] = None) -> dict:
+    """NETNS_DIRS plus the directories of RST_TRACER_NETNS_DIRS (or `extra`), each DIR or
+    DIR=PREFIX (the prefix of the names of the namespaces found there; none by default)."""
+    dirs = dict(NETNS_DIRS)
+    spec = os.environ.get(NETNS_DIRS_ENV, "") if extra is None else extra
+    for item in filter(None, spec.split(":")):
+        path, _, prefix = item.partition("=")
+        dirs[os.path.normpath(path)] = prefix
+    return dirs
+
+
 class Namespaces:
     def __init__(self, dirs: Optional[dict] = None, proc: str = "/proc",
                  walk_interval: float = WALK_INTERVAL_S):
-        self.dirs = NETNS_DIRS if dirs is None else dirs
+        self.dirs = netns_dirs() if dirs is None else dirs
         self.proc = proc
         self.walk_interval = walk_interval
         self._by_inode: dict = {}

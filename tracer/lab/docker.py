@@ -1,0 +1,339 @@
+"""The lab over a real Docker engine: dockerd (Debian's docker.io, with the containerd it
+starts) confined to a network namespace of the lab, its containers on Docker's own bridge
+(docker0) behind Docker's own MASQUERADE, and a server namespace outside:
+
+    containers 10.200.1.x (docker0, 10.200.1.1)  rstlab-<id>-nat  10.200.2.1/n2 --- s0/10.200.2.2 srv
+
+Confinement: dockerd runs in `rstlab-<id>-nat` (nsenter --net: the mount namespace is the
+host's, so the namespaces it mounts under its exec root are visible to the tracer), with its
+data root, exec root, pid file and socket under a temporary directory; its bridge, veths
+and iptables rules exist only in that namespace. It is stopped by its pid (the containers
+removed first); processes still naming the temporary directory (containerd, shims) are
+killed by pid, mounts under it unmounted, the directory removed. Nothing reaches a registry:
+the image is `docker import`ed from a root made of Debian's busybox-static, and the
+containers mount the host's /usr read-only and the project, so the lab's traffic programs
+(tracer.lab.traffic) run inside them with the host's Python.
+
+The scenarios of tracer/lab/scenarios.py run unchanged on a DockerLab: `cli` is a container
+(its programs run with `docker exec`) at 10.200.1.2, the first address of docker0's network.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from pyroute2 import NetNS, netns
+
+from .scenarios import SERVER_PORT, Outcome, follow, netns_facts, tup
+from .topology import CLI_ADDR, NAT_IN_ADDR, NAT_OUT_ADDR, SRV_ADDR, LabError, NatLab, _project_root, run
+
+DOCKERD, DOCKER = "/usr/sbin/dockerd", "/usr/bin/docker"   # Debian's docker.io (not a client on PATH)
+BUSYBOX = "/bin/busybox"                                   # Debian's busybox-static
+IMAGE = "rstlab/busybox:1"
+BRIDGE_CIDR = f"{NAT_IN_ADDR}/24"                          # docker0: containers get 10.200.1.2, .3, ...
+START_TIMEOUT_S = 60.0
+# the kubelet's label keys (what it puts on the containers it has Docker run)
+KUBELET_LABELS = ("io.kubernetes.pod.name", "io.kubernetes.pod.namespace", "io.kubernetes.pod.uid",
+                  "io.kubernetes.container.name")
+
+
+def available() -> str:
+    """'' when a confined Docker lab can run here, else why not."""
+    missing = [p for p in (DOCKERD, DOCKER, BUSYBOX, "/usr/bin/nsenter") if not os.path.exists(p)]
+    if missing:
+        return f"missing {', '.join(missing)} (apt-get install docker.io busybox-static)"
+    return ""
+
+
+class DockerEngine:
+    """One dockerd, confined (see the module's docstring). `docker(...)` runs its CLI."""
+
+    def __init__(self, netns_name: str, tag: str):
+        self.netns_name = netns_name
+        self.dir = tempfile.mkdtemp(prefix=f"{tag}-docker.")
+        self.socket = os.path.join(self.dir, "docker.sock")
+        self.exec_root = os.path.join(self.dir, "exec")
+        self.netns_dir = os.path.join(self.exec_root, "netns")   # where it mounts container namespaces
+        self.proc = None
+        self.log = None
+        self.started_s = 0.0
+
+    @property
+    def env(self) -> dict:
+        """What a tracer needs to see this engine's containers and namespaces."""
+        return {"RST_TRACER_DOCKER_HOST": f"unix://{self.socket}",
+                "RST_TRACER_NETNS_DIRS": f"{self.netns_dir}=docker:"}
+
+    def start(self) -> None:
+        t0 = time.monotonic()
+        self.log = open(os.path.join(self.dir, "dockerd.log"), "wb")
+        # nsenter execs dockerd: the pid is dockerd's own
+        self.proc = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{self.netns_name}", DOCKERD,
+             "--data-root", os.path.join(self.dir, "data"), "--exec-root", self.exec_root,
+             "--pidfile", os.path.join(self.dir, "docker.pid"), "--host", f"unix://{self.socket}",
+             "--bip", BRIDGE_CIDR, "--iptables=true", "--ip-masq=true", "--userland-proxy=false",
+             "--log-level", "warn"],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        while self.docker("version", check=False).returncode != 0:
+            if self.proc.poll() is not None or time.monotonic() - t0 > START_TIMEOUT_S:
+                raise LabError(f"dockerd did not start: {self.log_tail()}")
+            time.sleep(0.1)
+        self.started_s = time.monotonic() - t0
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            with open(os.path.join(self.dir, "dockerd.log"), errors="replace") as f:
+                return " | ".join(f.read().splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def docker(self, *args, check: bool = True, input: str = None) -> subprocess.CompletedProcess:
+        return run([DOCKER, "--host", f"unix://{self.socket}", *args], check=check, input=input)
+
+    def import_image(self) -> None:
+        """A busybox root from busybox-static, with /lib pointing into the /usr it will mount."""
+        root = os.path.join(self.dir, "rootfs")
+        for d in ("bin", "usr", "tmp", "proc", "sys", "dev", "etc", "work"):
+            os.makedirs(os.path.join(root, d), exist_ok=True)
+        shutil.copy2(BUSYBOX, os.path.join(root, "bin", "busybox"))
+        applets = run([BUSYBOX, "--list"]).stdout.split()
+        for applet in applets:
+            if applet != "busybox":
+                os.symlink("busybox", os.path.join(root, "bin", applet))
+        for link in ("lib", "lib64"):
+            os.symlink(f"usr/{link}", os.path.join(root, link))
+        tar = subprocess.run(["tar", "-C", root, "-c", "."], capture_output=True, check=True)
+        p = subprocess.run([DOCKER, "--host", f"unix://{self.socket}", "import", "--change",
+                            "ENV PATH=/usr/bin:/bin", "-", IMAGE], input=tar.stdout, capture_output=True)
+        if p.returncode != 0:
+            raise LabError(f"docker import failed: {p.stderr.decode(errors='replace').strip()}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            ids = self.docker("ps", "-aq", check=False).stdout.split()
+            if ids:
+                self.docker("rm", "-f", *ids, check=False)
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            self.proc = None
+        self._kill_leftovers()
+        self._unmount()
+        if self.log is not None:
+            self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _kill_leftovers(self) -> None:
+        """containerd and its shims name our directory in their command line: by pid."""
+        mark = self.dir.encode()
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if mark in f.read():
+                        os.kill(pid, signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+
+    def _unmount(self) -> None:
+        with open("/proc/self/mountinfo") as f:
+            points = [line.split()[4] for line in f if line.split()[4].startswith(self.dir + "/")]
+        for point in sorted(points, key=len, reverse=True):
+            subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+@dataclass
+class DockerLab(NatLab):
+    """NatLab's shape with Docker as the router: `nat` is dockerd's namespace, `cli` the
+    first container, `containers` all of them (name -> address). `labels` of each container
+    (name -> {key: value}); `pod_sandbox`: run the containers in a pod's sandbox, as the
+    kubelet has Docker do (a 'POD' container holding the namespace, labelled podsandbox,
+    the others joined to it with --network container:)."""
+    clients: int = 1
+    labels: dict = field(default_factory=dict)
+    pod: dict = field(default_factory=dict)    # {namespace, name, uid}: a pod sandbox with kubelet labels
+    engine: DockerEngine = field(default=None, init=False, repr=False)
+    containers: dict = field(default_factory=dict, init=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.namespaces = (self.nat, self.srv)       # the ones this lab creates with ip netns
+        self.client_names = [f"rstlab-{self.lab_id}-web{k + 1}" for k in range(self.clients)]
+        self.cli = self.client_names[0]
+
+    def up(self) -> None:
+        if available():
+            raise LabError(available())
+        for ns in self.namespaces:
+            netns.create(ns)
+        with NetNS(self.nat) as nat:
+            nat.link("add", ifname="n2", kind="veth", peer={"ifname": "s0", "net_ns_fd": self.srv})
+        self._addresses(self.nat, "n2", [(NAT_OUT_ADDR, 24)])
+        self._addresses(self.srv, "s0", [(SRV_ADDR, 24)])
+        self.sysctl(self.nat, "net.netfilter.nf_conntrack_events", 1, check=False)
+        self.engine = DockerEngine(self.nat, f"rstlab-{self.lab_id}")
+        self.engine.start()
+        self.engine.import_image()
+        root = _project_root()
+        common = ["--volume", "/usr:/usr:ro", "--volume", f"{root}:{root}:ro", "--workdir", root]
+        network = []
+        if self.pod:
+            sandbox = f"rstlab-{self.lab_id}-pod"
+            pod_labels = {"io.kubernetes.pod.name": self.pod["name"],
+                          "io.kubernetes.pod.namespace": self.pod["namespace"],
+                          "io.kubernetes.pod.uid": self.pod["uid"]}
+            self.engine.docker("run", "-d", "--name", sandbox, *_label_args(
+                dict(pod_labels, **{"io.kubernetes.docker.type": "podsandbox", "io.kubernetes.container.name": "POD"})),
+                *common, IMAGE, "sleep", "3600")
+            network = ["--network", f"container:{sandbox}"]
+            for name in self.client_names:
+                self.labels[name] = {**pod_labels, "io.kubernetes.container.name": name.rsplit("-", 1)[1],
+                                     "io.kubernetes.docker.type": "container", **self.labels.get(name, {})}
+        for name in self.client_names:
+            self.engine.docker("run", "-d", "--name", name, *_label_args(self.labels.get(name, {})),
+                               *network, *common, IMAGE, "sleep", "3600")
+        holders = [f"rstlab-{self.lab_id}-pod"] if self.pod else self.client_names
+        for name in holders:
+            info = self.inspect(name)
+            addr = info["NetworkSettings"]["IPAddress"]
+            for client in (self.client_names if self.pod else [name]):
+                self.containers[client] = addr
+        if self.containers[self.cli] != CLI_ADDR:   # the scenarios' client address
+            raise LabError(f"the first container got {self.containers[self.cli]}, not {CLI_ADDR}")
+        self.exec(self.nat, ["ethtool", "-K", "n2", "tso", "off", "gso", "off", "gro", "off"], check=False)
+        self.exec(self.srv, ["ethtool", "-K", "s0", "tso", "off", "gso", "off", "gro", "off"], check=False)
+        self._wait_links()
+
+    def _wait_links(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            down = []
+            for ns, dev in ((self.nat, "n2"), (self.srv, "s0"), (self.nat, "docker0")):
+                with NetNS(ns) as ipr:
+                    if ipr.get_links(ifname=dev)[0].get_attr("IFLA_OPERSTATE") != "UP":
+                        down.append(f"{ns}/{dev}")
+            if not down:
+                return
+            if time.monotonic() > deadline:
+                raise LabError("lab links never came up: " + ", ".join(down))
+            time.sleep(0.05)
+
+    def down(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+                p.wait()
+        self.procs.clear()
+        if self.engine is not None:
+            self.engine.stop()
+        for ns in self.namespaces:
+            try:
+                netns.remove(ns)
+            except OSError:
+                pass
+
+    def inspect(self, name: str) -> dict:
+        return json.loads(self.engine.docker("inspect", name).stdout)[0]
+
+    # -- what the scenarios ask of a lab, for a container ------------------------------------
+    def _in_container(self, ns: str) -> bool:
+        return ns in self.containers
+
+    def exec(self, ns: str, cmd: list, check: bool = True, **kw) -> subprocess.CompletedProcess:
+        if self._in_container(ns):
+            return self.engine.docker("exec", ns, *cmd, check=check)
+        return super().exec(ns, cmd, check=check, **kw)
+
+    def spawn(self, ns: str, args: list, **kw) -> subprocess.Popen:
+        if not self._in_container(ns):
+            return super().spawn(ns, args, **kw)
+        cmd = [DOCKER, "--host", f"unix://{self.engine.socket}", "exec", "-i", ns,
+               "/usr/bin/python3", "-u", "-m", "tracer.lab.traffic", *args]
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True, **kw)
+        self.procs.append(p)
+        return p
+
+    def netns_inode(self, ns: str) -> int:
+        if self._in_container(ns):
+            return os.stat(f"/proc/{self.inspect(ns)['State']['Pid']}/ns/net").st_ino
+        return super().netns_inode(ns)
+
+    def capture_points(self) -> list:
+        return [(self.nat, "docker0"), (self.nat, "n2"), (self.srv, "s0")]
+
+    def set_masquerade(self, opts) -> None:
+        if tuple(opts) != tuple(self.masquerade_opts):
+            raise LabError("the Docker lab keeps Docker's own MASQUERADE")
+
+
+def _label_args(labels: dict) -> list:
+    return [a for k, v in labels.items() for a in ("--label", f"{k}={v}")]
+
+
+# -- incident 2 from several containers ----------------------------------------------------
+def snat_race_containers(lab: DockerLab, rounds: int = 250, spacing: float = 0.004, base: int = 20000,
+                         attempts: int = 3, budget: float = 18.0) -> Outcome:
+    """Incident 2 from several containers: one racer in each (its own address on docker0)
+    connects at the same instant (CLOCK_MONOTONIC is the host's) with the same source port,
+    to one server through Docker's MASQUERADE (no --random-fully): NAT picks the same port
+    twice, the later entry fails to confirm and its SYN is dropped."""
+    t_start = time.monotonic()
+    sink = follow(lab, lab.srv, ["sink", "--addr", SRV_ADDR, "--port", str(SERVER_PORT), "--hold"], "sink")
+    sink.wait("listening")
+    before = lab.conntrack_stats()
+    runs, slow = [], []
+    for attempt in range(attempts):
+        port0 = base + attempt * rounds
+        start = time.monotonic() + 1.5          # every docker exec has started by then
+        racers = [follow(lab, name, ["race", "--addr", SRV_ADDR, "--port", str(SERVER_PORT), "--src-base", addr,
+                                     "--procs", "1", "--cpu-offset", str(k), "--rounds", str(rounds),
+                                     "--base", str(port0), "--spacing", str(spacing), "--at", repr(start)],
+                         f"race in {name}")
+                  for k, (name, addr) in enumerate(lab.containers.items())]
+        done = [r.wait("done", timeout=15 + rounds * spacing) for r in racers]
+        stats = lab.conntrack_stats()
+        runs.append({"base": port0, "connects": sum(d["connects"] for d in done),
+                     "insert_failed": stats.get("insert_failed", 0) - before.get("insert_failed", 0)
+                     - sum(r["insert_failed"] for r in runs)})
+        slow += [s for d in done for s in d["slow"]]
+        if stats.get("insert_failed", 0) > before.get("insert_failed", 0) or time.monotonic() - t_start > budget / 2:
+            break
+    after = lab.conntrack_stats()
+    by_addr = {addr: name for name, addr in lab.containers.items()}
+    return Outcome("snat-race-containers", {
+        "containers": dict(lab.containers), "runs": runs, "rounds": rounds,
+        "insert_failed": after.get("insert_failed", 0) - before.get("insert_failed", 0),
+        "retransmitted": [{"inside": tup(r["src"], r["sport"], SRV_ADDR, SERVER_PORT), "container": by_addr[r["src"]],
+                           "latency": r["latency"], "ok": r["ok"]} for r in slow],
+        "netns": dict(netns_facts(lab), containers={n: lab.netns_inode(n) for n in lab.containers}),
+        "duration": time.monotonic() - t_start,
+    })
+
+
+def main(argv=None) -> None:
+    """python -m tracer.lab.docker: start a confined engine, show what it made, stop it."""
+    lab = DockerLab(clients=2)
+    with lab:
+        print(json.dumps({"engine_start_s": round(lab.engine.started_s, 2), "containers": lab.containers,
+                          "env": lab.engine.env}))
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
