@@ -69,6 +69,16 @@ def cli():
     """
 
 
+class PodParam(click.ParamType):
+    name = "NS/NAME"
+
+    def convert(self, value, param, ctx):
+        ns, sep, pod = value.partition("/")
+        if not (sep and ns and pod) or "/" in pod:
+            self.fail(f"{value!r} is not NAMESPACE/NAME", param, ctx)
+        return value
+
+
 class OutputParam(click.ParamType):
     name = "SPEC"
 
@@ -109,13 +119,19 @@ class ListenParam(click.ParamType):
               help="Only flows with this port on any side (inside or NATed); repeatable.")
 @click.option("--host", "hosts", multiple=True, type=HostParam(),
               help="Only flows with this address on any side; repeatable.")
+@click.option("--container", "containers", multiple=True, metavar="NAME|ID",
+              help="Only verdicts with this container on any side (its name, its name in its pod, "
+                   "or an id prefix of 4+ hex digits); repeatable.")
+@click.option("--pod", "pods", multiple=True, type=PodParam(),
+              help="Only verdicts with this Kubernetes pod on any side; repeatable.")
 @click.option("--backend", type=click.Choice(["auto", "tracepoint", "kprobe"]), default="auto",
               show_default=True, help="Probe backend; auto picks the most precise one available.")
 @click.option("--record", "record_path", type=click.Path(dir_okay=False, writable=True),
               help="Also write the raw events and their context to FILE (see `replay`).")
 @click.option("--duration", type=click.FloatRange(min=0), default=0,
               help="Stop after this many seconds (0: until SIGINT/SIGTERM).")
-def watch(as_json, verbose, outputs, metrics, netns, ports, hosts, backend, record_path, duration):
+def watch(as_json, verbose, outputs, metrics, netns, ports, hosts, containers, pods, backend, record_path,
+          duration):
     """Attach the probes and print a verdict for every reset and conntrack drop.
 
     \b
@@ -123,6 +139,7 @@ def watch(as_json, verbose, outputs, metrics, netns, ports, hosts, backend, reco
       rst-tracer watch
       rst-tracer watch --json --port 6379
       rst-tracer watch --netns 4026532246 --host 10.0.0.7 -v
+      rst-tracer watch --container redis-client --pod default/web-7d4b9
       rst-tracer watch --output stdout --output tcp:127.0.0.1:5170 --metrics :9464
       rst-tracer watch --output 'file:/var/log/rst-tracer.jsonl?max_bytes=50M&backups=5'
       rst-tracer watch --output 'fluent:127.0.0.1:24224?tag=rst-tracer&ack=true'
@@ -169,7 +186,8 @@ def watch(as_json, verbose, outputs, metrics, netns, ports, hosts, backend, reco
             sinks.append(metrics_sink)
         try:
             w = Watch.live(probe_backend, btf, sinks,
-                           VerdictFilter(netns=set(netns), ports=set(ports), hosts=set(hosts)), record_path)
+                           VerdictFilter(netns=set(netns), ports=set(ports), hosts=set(hosts),
+                                         containers=set(containers), pods=set(pods)), record_path)
         except OSError as e:
             raise Failure(f"cannot write recording {record_path}: {e.strerror}") from None
         try:

@@ -1,5 +1,7 @@
-"""Operator filters on verdicts (--netns, --port, --host). A verdict matches when any of
-its tuples (the flow as seen, the NAT inside and outside tuples) matches."""
+"""Operator filters on verdicts (--netns, --port, --host, --container, --pod). A verdict
+matches when any of its tuples (the flow as seen, the NAT inside and outside tuples) matches,
+and any of its endpoints' workloads (local, client, router, server, peer) for --container
+and --pod."""
 from __future__ import annotations
 
 import ipaddress
@@ -40,6 +42,8 @@ class VerdictFilter:
     netns: set = field(default_factory=set)     # inode numbers (int) or names (str)
     ports: set = field(default_factory=set)
     hosts: set = field(default_factory=set)     # ipaddress objects
+    containers: set = field(default_factory=set)  # names, or ids (a prefix of 4 or more hex digits)
+    pods: set = field(default_factory=set)      # "namespace/name"
     _shown: Chains = field(default_factory=Chains, repr=False)   # ids of the records shown
 
     def _tuples(self, record: dict) -> list:
@@ -49,7 +53,8 @@ class VerdictFilter:
         return out
 
     def matches(self, record: dict) -> bool:
-        if record.get("type") not in ("verdict", "correction") or not (self.netns or self.ports or self.hosts):
+        if record.get("type") not in ("verdict", "correction") or \
+                not (self.netns or self.ports or self.hosts or self.containers or self.pods):
             return True
         show = self._shown.superseded(record) is not None or self._criteria(record)
         if show:
@@ -66,4 +71,14 @@ class VerdictFilter:
             addrs = {ipaddress.ip_address(a) for t in tuples for a in (t["src"], t["dst"])}
             if not addrs & self.hosts:
                 return False
+        roles = (record.get("workloads") or {}).values()
+        if self.pods and not any(w.get("pod") and f"{w['pod']['namespace']}/{w['pod']['name']}" in self.pods
+                                 for w in roles):
+            return False
+        if self.containers and not any(self._container_matches(c) for w in roles for c in w.get("containers") or ()):
+            return False
         return True
+
+    def _container_matches(self, c: dict) -> bool:
+        return bool({c.get("name"), c.get("k8s_container")} & self.containers) or \
+            any(len(x) >= 4 and c.get("id", "").startswith(x) for x in self.containers)
