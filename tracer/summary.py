@@ -1,5 +1,5 @@
-"""Counts of verdicts by cause and namespace over a run, with losses: what `summary`
-prints and what `watch` reports when it detaches."""
+"""Counts of verdicts by cause and namespace, and by workload (pod or container), over a
+run, with losses: what `summary` prints and what `watch` reports when it detaches."""
 from __future__ import annotations
 
 import json
@@ -7,6 +7,7 @@ import sys
 from collections import Counter, defaultdict
 
 from .corrections import Chains
+from .workloads import describe
 
 
 class InputError(Exception):
@@ -21,6 +22,7 @@ class Summary:
     def __init__(self):
         self.by_cause_netns: dict = defaultdict(Counter)
         self.by_direction: Counter = Counter()
+        self.by_workload: dict = defaultdict(Counter)   # 'pod ns/name' | 'container name' -> cause -> n
         self.lost: Counter = Counter()
         self.verdicts = 0
         self.corrections: Counter = Counter()    # (superseded cause, cause) -> n
@@ -32,26 +34,27 @@ class Summary:
             cause, direction = sys.intern(record["cause"]), record["direction"]   # all before counting
             was = record["superseded_cause"] if kind == "correction" else None
             ns = sys.intern(record.get("netns_name") or str(record.get("netns")))
+            # each workload an endpoint names, once per verdict
+            workloads = tuple(sorted({describe(w) for w in (record.get("workloads") or {}).values()} - {""}))
             before = self._counted.superseded(record)
-            self._counted.remember(record, (cause, ns))
+            self._counted.remember(record, (cause, ns, workloads))
             if before is not None:
                 self._uncount(*before)
             else:     # a verdict, or the correction of one this input does not hold
                 self.verdicts += 1
                 self.by_direction[direction] += 1
             self.by_cause_netns[cause][ns] += 1
+            for w in workloads:
+                self.by_workload[w][cause] += 1
             if kind == "correction":
                 self.corrections[was, cause] += 1
         elif kind == "loss":
             self.lost[record["source"]] += int(record["lost"])
 
-    def _uncount(self, cause: str, ns: str) -> None:
-        per_ns = self.by_cause_netns[cause]
-        per_ns[ns] -= 1
-        if per_ns[ns] <= 0:
-            del per_ns[ns]
-        if not per_ns:
-            del self.by_cause_netns[cause]
+    def _uncount(self, cause: str, ns: str, workloads: tuple) -> None:
+        _decrement(self.by_cause_netns, cause, ns)
+        for w in workloads:
+            _decrement(self.by_workload, w, cause)
 
     def add_input(self, path: str) -> None:
         """Counts every good record of one input (see read_records); raises InputError at
@@ -71,6 +74,7 @@ class Summary:
                 "by_cause": {c: sum(n.values()) for c, n in sorted(self.by_cause_netns.items())},
                 "by_cause_netns": {c: dict(sorted(n.items())) for c, n in sorted(self.by_cause_netns.items())},
                 "by_direction": dict(sorted(self.by_direction.items())),
+                "by_workload": {w: dict(sorted(n.items())) for w, n in sorted(self.by_workload.items())},
                 "corrections": sum(self.corrections.values()),
                 "corrections_by_cause": dict(by_from),
                 "lost": dict(self.lost)}
@@ -82,12 +86,26 @@ class Summary:
             lines.append(f"  {cause:28} {sum(per_ns.values()):7}")
             for ns, n in per_ns.most_common():
                 lines.append(f"      {ns:40} {n:7}")
+        if self.by_workload:
+            lines.append("by workload:")
+            for w, causes in sorted(self.by_workload.items(), key=lambda kv: -sum(kv[1].values())):
+                lines.append(f"  {w:40} {sum(causes.values()):7}  " +
+                             ", ".join(f"{c} {n}" for c, n in causes.most_common()))
         if corrected:
             lines.append("corrections: " + ", ".join(f"{was} -> {cause} {n}" for (was, cause), n
                                                      in self.corrections.most_common()))
         if self.lost:
             lines.append("lost events: " + ", ".join(f"{s} {n}" for s, n in self.lost.items()))
         return "\n".join(lines)
+
+
+def _decrement(table: dict, key: str, sub: str) -> None:
+    counts = table[key]
+    counts[sub] -= 1
+    if counts[sub] <= 0:
+        del counts[sub]
+    if not counts:
+        del table[key]
 
 
 def read_records(path: str):
