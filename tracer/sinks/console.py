@@ -5,6 +5,7 @@ import json
 import sys
 
 from ..events import format_endpoint
+from ..workloads import describe
 
 
 class Sink:
@@ -30,7 +31,8 @@ def format_human(record: dict, verbose: bool = False) -> str:
         extra = " ".join(f"{k}={v}" for k, v in record.items()
                          if k not in ("type", "schema_version", "ts", "ts_unix", "host", "state"))
         return f"{record['ts'][11:23]} {record['state'].upper()} {extra}"
-    where = record.get("netns_name") or str(record.get("netns"))
+    roles = record.get("workloads") or {}
+    where = describe(roles.get("local")) or record.get("netns_name") or str(record.get("netns"))
     if record.get("interface"):
         where += f"/{record['interface']}"
     line = record["ts"][11:23]
@@ -40,7 +42,9 @@ def format_human(record: dict, verbose: bool = False) -> str:
              f"{where} {_tuple(record['flow']) if record.get('flow') else '-'}")
     nat = record.get("nat")
     if nat:
-        line += f" (inside {_tuple(nat['inside'])}, NATed {_tuple(nat['outside'])})"
+        client = roles.get("client")   # named here unless it is where the line already is
+        who = describe(client) if client and client["netns"] != (roles.get("local") or {}).get("netns") else ""
+        line += f" (inside {_tuple(nat['inside'])}{f' from {who}' if who else ''}, NATed {_tuple(nat['outside'])})"
     line += f" — {record['summary']}"
     remedy = record.get("remedy") or {}
     if remedy.get("commands"):
