@@ -160,16 +160,17 @@ def watch(as_json, verbose, outputs, metrics, netns, ports, hosts, containers, p
     if not chosen:
         raise Failure(f"no usable probe backend on kernel {caps.kernel_release}: {why}")
     from .probes.btf import BTF, BTFError
+    from .probes.kprobe import KprobeBackend
     from .probes.loader import LoadError
     from .probes.tracepoint import TracepointBackend
-    from .watch import Watch
 
     try:
         btf = BTF.vmlinux()
     except BTFError as e:
         raise Failure(str(e)) from None
-    from .probes.kprobe import KprobeBackend
     probe_backend = {"tracepoint": TracepointBackend, "kprobe": KprobeBackend}[chosen](caps, btf)
+    probe_backend.start_attach()   # compiles while the rest is imported and set up
+    from .watch import Watch
     from .sinks.metrics import MetricsSink
     from .sinks.outputs import build_all, parse_spec
 

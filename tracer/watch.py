@@ -183,16 +183,18 @@ class Watch:
         self.stopping = True
 
     def start(self) -> None:
-        """Attach, then find every namespace that exists and subscribe in each before the
-        first event is read."""
-        self.backend.attach()
-        self.ring.open()
+        """Find every namespace that exists and subscribe in each (while the backend may
+        still be compiling), then attach and open the ring buffers."""
         existing = self.namespaces.start()
-        self.namespaces.take()
         for inode in existing:
             self.monitor.add(inode, self.namespaces.fd(inode))
-        self.backend.mark_netns_known(existing)
         self.enricher.handles.baseline(existing)
+        self.backend.attach()
+        self.ring.open()
+        self.backend.mark_netns_known(existing)
+        # born while the programs compiled, before the kernel side could report them
+        self.namespaces.walk()
+        self.follow_namespaces()
 
     def run(self, duration: float = 0.0) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):

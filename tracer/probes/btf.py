@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import struct
+import threading
 from pathlib import Path
 
 VMLINUX_BTF = "/sys/kernel/btf/vmlinux"
@@ -252,12 +253,14 @@ class KernelBTF:
             self._answers = {}
         self._btf = None
         self._new = False
+        self._lock = threading.RLock()   # the loader asks from its thread, start-up from the main one
 
     def parsed(self) -> BTF:
         """The BTF itself (parsed now if it was not), e.g. as the base of a module's."""
-        if self._btf is None:
-            self._btf = BTF(self.path)
-        return self._btf
+        with self._lock:
+            if self._btf is None:
+                self._btf = BTF(self.path)
+            return self._btf
 
     @property
     def was_parsed(self) -> bool:
@@ -267,12 +270,13 @@ class KernelBTF:
         key = json.dumps([question, *args])
         answer = self._answers.get(key)
         if answer is None:
-            try:
-                answer = {"value": getattr(self.parsed(), question)(*args)}
-            except BTFError as e:
-                answer = {"error": str(e)}
-            self._answers[key] = answer
-            self._new = True
+            with self._lock:
+                try:
+                    answer = {"value": getattr(self.parsed(), question)(*args)}
+                except BTFError as e:
+                    answer = {"error": str(e)}
+                self._answers[key] = answer
+                self._new = True
         if "error" in answer:
             raise BTFError(answer["error"])
         return answer["value"]
@@ -286,6 +290,10 @@ class KernelBTF:
         """Keep the answers for the next start (best effort: a read-only cache is no error)."""
         if not self._new:
             return
+        with self._lock:
+            self._write()
+
+    def _write(self) -> None:
         try:
             self._cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = self._cache.with_suffix(f".{os.getpid()}.tmp")
@@ -297,5 +305,6 @@ class KernelBTF:
 
     def release(self) -> None:
         """Save, and drop the parsed BTF (a later question parses it again)."""
-        self.save()
-        self._btf = None
+        with self._lock:
+            self.save()
+            self._btf = None

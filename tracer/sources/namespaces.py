@@ -24,6 +24,7 @@ namespace is let go only when neither a process nor a mount refers to it any mor
 from __future__ import annotations
 
 import os
+import re
 import resource
 import select
 import time
@@ -36,7 +37,7 @@ log = structlog.get_logger("rst-tracer.namespaces")
 
 # directory -> prefix of the names of namespaces mounted there ("" = as `ip netns` shows them)
 NETNS_DIRS = {"/run/netns": "", "/run/docker/netns": "docker:"}
-# more of them, e.g. a Docker engine with its own --exec-root: DIR[=PREFIX][:DIR[=PREFIX]]...
+# more of them, e.g. a Docker engine with its own --exec-root: /DIR[=PREFIX][:/DIR[=PREFIX]]...
 NETNS_DIRS_ENV = "RST_TRACER_NETNS_DIRS"
 WALK_INTERVAL_S = 30.0
 # a birth whose task is already gone is looked for by a walk, at most this often
@@ -59,11 +60,12 @@ def _stat(path: str):
 
 
 def netns_dirs(extra: Optional[str] = None) -> dict:
-    """NETNS_DIRS plus the directories of RST_TRACER_NETNS_DIRS (or `extra`), each DIR or
-    DIR=PREFIX (the prefix of the names of the namespaces found there; none by default)."""
+    """NETNS_DIRS plus the directories of RST_TRACER_NETNS_DIRS (or `extra`): absolute paths,
+    each /DIR or /DIR=PREFIX (the prefix of the names of the namespaces found there, none by
+    default; it may end with ':', as 'docker:'), separated by ':'."""
     dirs = dict(NETNS_DIRS)
     spec = os.environ.get(NETNS_DIRS_ENV, "") if extra is None else extra
-    for item in filter(None, spec.split(":")):
+    for item in filter(None, re.split(r":(?=/)", spec)):
         path, _, prefix = item.partition("=")
         dirs[os.path.normpath(path)] = prefix
     return dirs
@@ -112,7 +114,7 @@ class Namespaces:
     def start(self) -> list:
         """Everything that exists now; returns the inodes found (our own one included)."""
         self._rescan_dirs()
-        self._walk()
+        self.walk()
         self._added.insert(0, self.own_inode)
         return self.take()[0]
 
@@ -135,13 +137,13 @@ class Namespaces:
         if self._pending and now - self._last_birth_walk >= BIRTH_WALK_MIN_INTERVAL_S:
             # the task that made it is gone: a child of it, or a mount, may still hold it
             self._last_birth_walk = now
-            self._walk()
+            self.walk()
             unresolved = [i for i, _ in self._pending if i not in self._by_inode]
             if unresolved:
                 log.debug("namespaces born and gone before they could be opened", netns=unresolved)
             self._pending = []
         elif now - self._last_walk >= self.walk_interval:
-            self._walk()
+            self.walk()
 
     def take(self) -> tuple:
         """(inodes added, inodes removed) since the last call."""
@@ -198,7 +200,7 @@ class Namespaces:
         if gone:   # `ip netns del`: the namespace may live on in its processes; the walk tells
             self._last_walk = min(self._last_walk, time.monotonic() - self.walk_interval + 1.0)
 
-    def _walk(self) -> None:
+    def walk(self) -> None:
         """/proc/*/ns/net: adopt what is new, let go of what nothing refers to any more."""
         self._last_walk = time.monotonic()
         alive = {self.own_inode} | set(self._dir_paths.values())
