@@ -154,7 +154,8 @@ class Attributor:
         """The containers and pods of the verdict's endpoints, by role: `local` (its own
         namespace); with NAT, `client` (behind the inside tuple's source), `router` (where the
         entry was) and `server` (behind the NATed tuple's destination); without, `peer` (the
-        flow's other end, when it lives on this host). Only roles where something is known."""
+        flow's other end, when it lives on this host). Only roles where something lives, and
+        the router."""
         book, now, roles = self.state.workloads, ev.mono, {}
 
         def put(role: str, w: Optional[dict], addr: str = "") -> None:
@@ -164,8 +165,9 @@ class Attributor:
         put("local", book.netns(ev.netns, now))
         if f.nat:
             put("client", book.addr(f.nat["inside"]["src"], now), f.nat["inside"]["src"])
-            if f.router:
-                put("router", book.netns(f.router["netns"], now))
+            if f.router:   # where the NAT entry was: named even when nothing lives there
+                put("router", book.netns(f.router["netns"], now) or
+                    {"netns": f.router["netns"], "netns_name": f.router["netns_name"], "containers": [], "pod": None})
             put("server", book.addr(f.nat["outside"]["dst"], now), f.nat["outside"]["dst"])
         elif ev.flow:
             for ep in (ev.flow.src, ev.flow.dst):

@@ -10,6 +10,7 @@ The facts come from enrichment (Context.firewall, tracer/enrich.py firewall_fact
 in the router's namespace; {} (unknown) keeps the plain remedy."""
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from ..nfrules import nft_invalid_drop_command
@@ -44,18 +45,24 @@ def invalid_drop(plain: Remedy, facts: dict) -> Remedy:
     return plain
 
 
-def _docker_masquerade_specs(facts: dict) -> list:
-    """The match part of the MASQUERADE rules of POSTROUTING ('-s 172.17.0.0/16 ! -o docker0'):
-    Docker's, where its chains exist."""
+def _masquerade_specs(facts: dict, source: str) -> list:
+    """The match part ('-s 172.17.0.0/16 ! -o docker0') of the POSTROUTING MASQUERADE rules
+    whose source network holds `source` (the inside address): Docker's, where its chains
+    exist (not its hairpin rule for the host's own addresses, which has no -s)."""
     out = []
     for text in facts.get("rules") or ():
         m = re.match(r"-A POSTROUTING (.*) -j MASQUERADE\b", text)
-        if m:
-            out.append(m.group(1))
+        net = re.search(r"(?:^|\s)-s (\S+)", m.group(1)) if m else None
+        if net and "! -s" not in m.group(1):
+            try:
+                if ipaddress.ip_address(source) in ipaddress.ip_network(net.group(1), strict=False):
+                    out.append(m.group(1))
+            except ValueError:
+                continue
     return out
 
 
-def random_fully(plain: Remedy, facts: dict) -> Remedy:
+def random_fully(plain: Remedy, facts: dict, source: str) -> Remedy:
     """Incident 2: fully random source ports for the rule that NATed the clashing SYN."""
     if facts.get("kube_proxy"):
         return Remedy(
@@ -65,7 +72,7 @@ def random_fully(plain: Remedy, facts: dict) -> Remedy:
             "it rewrites its rules.",
             ["iptables --version   # >= 1.6.2 for kube-proxy to add --random-fully"]
             + [f"# rule without it: {r}" for r in facts.get("rules") or ()][:3])
-    specs = _docker_masquerade_specs(facts)
+    specs = _masquerade_specs(facts, source)
     if facts.get("docker") and specs:
         return Remedy(
             "Docker writes its MASQUERADE without --random-fully and puts it back at every start: "
@@ -77,10 +84,10 @@ def random_fully(plain: Remedy, facts: dict) -> Remedy:
     return plain
 
 
-def stable_snat(plain: Remedy, facts: dict) -> Remedy:
+def stable_snat(plain: Remedy, facts: dict, source: str) -> Remedy:
     """Incidents 3 and 4: SNAT to a fixed address instead of MASQUERADE (which forgets its
     connections when its address or device goes)."""
-    specs = _docker_masquerade_specs(facts)
+    specs = _masquerade_specs(facts, source)
     if facts.get("docker") and specs:
         return Remedy(
             plain.text + " Docker's MASQUERADE comes back at every start: put a SNAT rule in front of it.",

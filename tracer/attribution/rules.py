@@ -279,7 +279,7 @@ class ConntrackFlushed(Rule):
         remedy = self.REMEDY_CTNETLINK if gone.by_ctnetlink else self.REMEDY_DEVICE if by_device \
             else self.REMEDY_ADDRESS if known else self.REMEDY_UNKNOWN
         if remedy in (self.REMEDY_DEVICE, self.REMEDY_ADDRESS):
-            remedy = remedies.stable_snat(remedy, state.firewall(gone.netns))
+            remedy = remedies.stable_snat(remedy, state.firewall(gone.netns), gone.entry.orig.src.addr)
         return Finding(self.cause,
                        f"conntrack entry of {gone.entry.orig} was flushed by {what}; "
                        f"{'its next packet was re-NATed to a new port' if how == 'renated' else 'the next packet was not de-NATed'}"
@@ -362,7 +362,7 @@ class SnatPortClash(Rule):
                 Remedy("Randomise NAT port selection fully (iptables >= 1.6.2; kube-proxy, "
                        "flannel and Cilium have options for it). Reduces, does not eliminate.",
                        ["iptables -t nat -R POSTROUTING <n> -o <if> -j MASQUERADE --random-fully"]),
-                state.firewall(ev.netns))
+                state.firewall(ev.netns), ct.orig.src.addr)
         return Finding(self.cause, f"SYN of {ct.orig} dropped: SNAT source port {ct.reply.dst.port} "
                        f"clashed with another connection at conntrack confirm (client waits >= 1 s)",
                        "high", evidence, remedy, nat=nat_tuples(ct),

@@ -672,6 +672,110 @@ def udp_churn(args) -> None:
         seconds=max(r["seconds"] for r in results))
 
 
+# -- NFQUEUE: hold packets between NAT and conntrack's confirm ------------------------------
+NETLINK_NETFILTER, NFNL_SUBSYS_QUEUE = 12, 3
+NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2
+NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_PACKET_HDR, NFQA_VERDICT_HDR = 1, 2, 1, 2
+NFQNL_CFG_CMD_BIND, NFQNL_COPY_META, NF_ACCEPT = 1, 1, 1
+NLM_F_REQUEST, NLM_F_ACK = 1, 4
+
+
+def _nfq_message(kind: int, queue: int, attrs: list, flags: int = NLM_F_REQUEST) -> bytes:
+    body = struct.pack("!BBH", socket.AF_UNSPEC, 0, queue)       # nfgenmsg: res_id is big-endian
+    for atype, payload in attrs:
+        body += struct.pack("HH", 4 + len(payload), atype) + payload + b"\0" * (-len(payload) % 4)
+    return struct.pack("IHHII", 16 + len(body), NFNL_SUBSYS_QUEUE << 8 | kind, flags, 0, 0) + body
+
+
+def _nfq_packets(data: bytes) -> list:
+    """(queue, packet id) of the NFQNL_MSG_PACKET messages in one netlink read."""
+    out, off = [], 0
+    while off + 20 <= len(data):
+        length, kind = struct.unpack_from("IH", data, off)
+        if kind == NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_PACKET:
+            queue = struct.unpack_from("!H", data, off + 18)[0]
+            a = off + 20
+            while a + 4 <= off + length:
+                alen, atype = struct.unpack_from("HH", data, a)
+                if atype & 0x7fff == NFQA_PACKET_HDR:
+                    out.append((queue, struct.unpack_from("!I", data, a + 4)[0]))
+                a += max(4, (alen + 3) & ~3)
+        off += max(20, (length + 3) & ~3)
+    return out
+
+
+def _nfq_bind(s, queue: int) -> None:
+    s.send(_nfq_message(NFQNL_MSG_CONFIG, queue, [(NFQA_CFG_CMD, struct.pack("!BxH", NFQNL_CFG_CMD_BIND, 0))],
+                        NLM_F_REQUEST | NLM_F_ACK))
+    s.send(_nfq_message(NFQNL_MSG_CONFIG, queue, [(NFQA_CFG_PARAMS, struct.pack("!IBxxx", 0, NFQNL_COPY_META))],
+                        NLM_F_REQUEST | NLM_F_ACK))
+    for _ in range(2):   # the acks: an error (errno < 0) means the queue could not be bound
+        err = struct.unpack_from("i", s.recv(65536), 16)[0]
+        if err:
+            say(event="error", errno=_errname(-err))
+            sys.exit(1)
+
+
+def _nfq_accept(s, queue: int, packet: int) -> None:
+    s.send(_nfq_message(NFQNL_MSG_VERDICT, queue, [(NFQA_VERDICT_HDR, struct.pack("!II", NF_ACCEPT, packet))]))
+
+
+def nat_clash(args) -> None:
+    """Makes incident 2 certain, on the kernel's own path. Rules of the router queue the
+    winner's SYN after NAT (--winner-queue: NATed, its entry not confirmed) and the loser's
+    before conntrack (--loser-queue); the loser's path after NAT crosses a slow chain. Once
+    both are held, the loser is let go on one CPU: NAT gives it the winner's port (an entry
+    not yet confirmed does not hold its port), then it crawls through the slow chain; --delay
+    s later a process on the other CPU lets the winner go, which is confirmed at once; the
+    loser then clashes at confirm and netfilter drops it (NF_DROP in nf_hook_slow), as when
+    two CPUs race. Exits after (the rules' `bypass` lets the retransmissions through)."""
+    import mmap
+    import os
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    s.bind((0, 0))
+    for q in (args.winner_queue, args.loser_queue):
+        _nfq_bind(s, q)
+    say(event="holding", queues=[args.winner_queue, args.loser_queue])
+    held: dict = {}
+    deadline = time.monotonic() + args.wait
+    while len(held) < 2 and time.monotonic() < deadline:
+        r, _, _ = select.select([s], [], [], max(0.0, deadline - time.monotonic()))
+        if r:
+            for queue, packet in _nfq_packets(s.recv(65536)):
+                held.setdefault(queue, packet)
+    if len(held) < 2:
+        for queue, packet in held.items():
+            _nfq_accept(s, queue, packet)
+        say(event="error", text="not both SYNs came", held=sorted(held))
+        sys.exit(1)
+    go = mmap.mmap(-1, 1)   # shared with the child: 1 once the loser is on its way
+    # both sides real-time, each on its own CPU, for these few milliseconds: no other task
+    # delays the winner's release past the loser's crossing of the slow chain
+    realtime = os.sched_param(os.sched_get_priority_min(os.SCHED_FIFO))
+    child = os.fork()
+    if child == 0:          # the winner's side, on the other CPU: spinning, it waits for no wake-up
+        os.sched_setaffinity(0, {1 % os.cpu_count()})
+        os.sched_setscheduler(0, os.SCHED_FIFO, realtime)
+        while go[0] == 0:
+            pass
+        t = time.monotonic() + args.delay
+        while time.monotonic() < t:
+            pass
+        _nfq_accept(s, args.winner_queue, held[args.winner_queue])
+        os._exit(0)
+    os.sched_setaffinity(0, {0})
+    time.sleep(0.05)        # the child spins by now
+    os.sched_setscheduler(0, os.SCHED_FIFO, realtime)
+    go[0] = 1
+    t0 = time.monotonic()
+    _nfq_accept(s, args.loser_queue, held[args.loser_queue])   # returns once the loser is through
+    loser_s = time.monotonic() - t0
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    os.waitpid(child, 0)
+    say(event="released", loser_s=loser_s)
+    s.close()
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m tracer.lab.traffic")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -750,9 +854,14 @@ def main(argv=None) -> None:
     g.add_argument("--sport-hi", type=int, default=60999)
     g.add_argument("--procs", type=int, default=1)
     g.add_argument("--name", default="churn.bench.lab")
+    q = sub.add_parser("nat-clash")
+    q.add_argument("--winner-queue", type=int, required=True)
+    q.add_argument("--loser-queue", type=int, required=True)
+    q.add_argument("--delay", type=float, default=0.0003)
+    q.add_argument("--wait", type=float, default=10.0)
     args = p.parse_args(argv)
     {"server": serve, "client": client, "connect-many": connect_many, "inject": inject, "peer": peer,
-     "sniff": sniff, "sink": sink, "hold": hold, "race": race, "udp-responder": udp_responder,
+     "sniff": sniff, "sink": sink, "hold": hold, "nat-clash": nat_clash, "race": race, "udp-responder": udp_responder,
      "udp-churn": udp_churn}[args.cmd](args)
 
 
