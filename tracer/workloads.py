@@ -62,8 +62,8 @@ SANDBOX_MARKS = (("io.kubernetes.docker.type", "podsandbox"), ("io.kubernetes.cr
                  ("io.kubernetes.cri-o.ContainerType", "sandbox"))
 IMAGE_ANNOTATIONS = ("io.kubernetes.cri.image-name", "io.kubernetes.cri-o.ImageName")
 
-# the last cgroup path component naming a container: <64 hex>, or <prefix>-<64 hex>[.scope]
-_CGROUP_ID = re.compile(r"(?:^|[-/])(?:(docker|cri-containerd|crio|libpod|containerd)-)?([0-9a-f]{64})(?:\.scope)?$")
+# a cgroup path component naming a container: <64 hex>, or <prefix>-<64 hex>[.scope]
+_CGROUP_ID = re.compile(r"^(?:(docker|cri-containerd|crio|libpod|containerd)-)?([0-9a-f]{64})(?:\.scope)?$")
 _CGROUP_POD = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
 _CGROUP_RUNTIME = {"docker": "docker", "cri-containerd": "containerd", "containerd": "containerd",
                    "crio": "cri-o", "libpod": "podman"}
@@ -129,7 +129,8 @@ def parse_cgroup(text: str) -> Optional[dict]:
     systemd drivers), or None for a process in no container."""
     for line in text.splitlines():
         path = line.split(":", 2)[-1].rstrip("/")
-        m = _CGROUP_ID.search(path)
+        # the innermost component that names one (podman's processes sit in .../libpod-ID.scope/container)
+        m = next(filter(None, (_CGROUP_ID.match(c) for c in reversed(path.split("/")))), None)
         if not m:
             continue
         prefix, cid = m.groups()

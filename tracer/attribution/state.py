@@ -21,12 +21,13 @@ MEMORY_TTL_S = 3600.0
 
 # What the attribution remembers is bounded by bytes: a budget per kind, divided by what one
 # entry retains (CPython 3.11, measured with tracemalloc by tests/unit/test_state_memory.py,
-# which fails if an entry outgrows its figure). 66 MiB in all; the oldest entries go first.
+# which fails if an entry outgrows its figure; tests/unit/test_workloads.py for "workload").
+# 70 MiB in all; the oldest entries go first.
 # The verdicts kept open to correction (engine.py) are budgeted here too.
 ENTRY_BYTES = {"deletion": 1800, "binding": 1400, "verdict": 800, "invalid": 4000, "judged": 3600,
-               "workload": 400}
+               "workload": 1200}
 BUDGET_BYTES = {"deletion": 32 << 20, "binding": 16 << 20, "verdict": 8 << 20, "invalid": 2 << 20,
-                "judged": 8 << 20, "workload": 2 << 20}
+                "judged": 8 << 20, "workload": 4 << 20}
 
 
 class BoundedMap:
@@ -164,9 +165,11 @@ class WorkloadBook:
     live run did. The records are the contexts' own dicts: an entry retains only its keys."""
 
     def __init__(self, ttl: float, budget: int, entry_bytes: int):
+        # entry_bytes is what one workload costs in both maps (measured together)
         self._netns = BoundedMap(ttl, budget, entry_bytes)
         self._addr = BoundedMap(ttl, budget, entry_bytes)
-        self._firewall = BoundedMap(ttl, budget, entry_bytes)
+        # routers are few (a node, its bridges); their facts cost a few workloads each
+        self._firewall = BoundedMap(ttl, budget // 16, entry_bytes)
 
     def learn(self, ctx, now: float) -> None:
         for w in ctx.workloads:

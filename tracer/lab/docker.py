@@ -345,13 +345,69 @@ def snat_clash_containers(lab: DockerLab, port: int = 20000, lead: float = 3.0) 
     })
 
 
+KUBE_POD = {"namespace": "shop", "name": "redis-0", "uid": "5b0e4a3c-2f7d-4c1e-9a6b-0d8e7f1a2b3c"}
+
+
+def record_fixtures(out: str) -> None:
+    """The unit tests' fixtures, from a real engine: Docker API answers (docker-api/*.json:
+    the container list, inspections of a pod sandbox with the kubelet's labels, of a
+    container in it and of a plain container, and the event stream of a container's life),
+    and recordings of two scenarios with their ground truth (docker-*.rec, *.facts.json)."""
+    from ..events import MASQ_NOTIFIER
+    from ..recording import keep_only
+    from ..workloads import DockerAPI
+    from . import scenarios
+    from .harness import TracerProcess
+
+    api_dir = os.path.join(out, "docker-api")
+    os.makedirs(api_dir, exist_ok=True)
+
+    def save(name: str, obj) -> None:
+        with open(os.path.join(api_dir, name), "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.write("\n")
+
+    with DockerLab(clients=1, pod=KUBE_POD) as lab:
+        api = DockerAPI(lab.engine.socket)
+        lab.engine.docker("run", "-d", "--name", "plain", IMAGE, "sleep", "3600")
+        events, lines = api.events(), []
+        next(events)                                   # subscribed
+        lab.engine.docker("run", "-d", "--name", "short-lived", IMAGE, "sleep", "3600")
+        lab.engine.docker("rm", "-f", "short-lived")
+        while not any(e.get("Action") == "destroy" for e in lines):
+            lines.append(next(events))
+        api.close()
+        save("events.json", lines)
+        save("containers.json", api.get("/containers/json"))
+        for name, what in ((f"rstlab-{lab.lab_id}-pod", "sandbox"), (lab.cli, "in-pod"), ("plain", "plain")):
+            save(f"inspect-{what}.json", api.get(f"/containers/{name}/json"))
+    for name, scenario, opts in (("docker-invalid-window-pod", scenarios.invalid_window, {"pod": KUBE_POD}),
+                                 ("docker-dhcp-renew", scenarios.dhcp_renew, {})):
+        rec = os.path.join(out, f"{name}.rec")
+        with DockerLab(**opts) as lab:
+            tracer = TracerProcess(record=rec, env=lab.engine.env)
+            tracer.start()
+            try:
+                outcome = scenario(lab)
+                mine = {lab.netns_inode(ns) for ns in (lab.nat, lab.srv, lab.cli)}
+            finally:
+                tracer.stop()
+        keep_only(rec, lambda ev: ev.netns in mine or (ev.kind == MASQ_NOTIFIER and ev.pid == os.getpid()))
+        with open(os.path.join(out, f"{name}.facts.json"), "w") as f:
+            json.dump(dict(outcome.facts, containers=[lab.cli], nat_name=lab.nat), f, indent=1, sort_keys=True)
+            f.write("\n")
+
+
 def main(argv=None) -> None:
-    """python -m tracer.lab.docker: start a confined engine, show what it made, stop it."""
-    lab = DockerLab(clients=2)
-    with lab:
+    """python -m tracer.lab.docker [fixtures DIR]: start a confined engine, show what it
+    made, stop it; or record the unit tests' fixtures into DIR."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fixtures"] and len(argv) == 2:
+        record_fixtures(argv[1])
+        return
+    with DockerLab(clients=2) as lab:
         print(json.dumps({"engine_start_s": round(lab.engine.started_s, 2), "containers": lab.containers,
                           "env": lab.engine.env}))
-    sys.exit(0)
 
 
 if __name__ == "__main__":
