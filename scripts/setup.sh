@@ -14,6 +14,11 @@ if [ "${1:-}" = "--bench" ]; then
     APT_PKGS+=(nginx-light wrk bpftrace gcc libc6-dev)
 fi
 
+# the Docker lab (tests/integration/test_docker.py: its own dockerd, confined to a lab
+# namespace, and a busybox image): not in the VM images (no network; the kprobe suite
+# does not use it)
+[ -n "${RST_TRACER_VENV:-}" ] || APT_PKGS+=(docker.io busybox-static)
+
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 if [ "$(id -u)" != 0 ]; then
@@ -30,7 +35,20 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -q >/dev/null
+    # docker.io's own daemon must not start in the root namespace (a bridge, iptables rules):
+    # the lab runs its own. Services stay off during the install, and off after it.
+    no_start=""
+    if [[ " ${missing[*]} " == *" docker.io "* ]] && [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
+        no_start=1
+    fi
     apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+    if [[ " ${missing[*]} " == *" docker.io "* ]]; then
+        [ -z "$no_start" ] || rm -f /usr/sbin/policy-rc.d
+        if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+            systemctl disable --now docker.socket docker.service containerd.service >/dev/null 2>&1 || true
+        fi
+    fi
 fi
 
 if [ -n "${RST_TRACER_VENV:-}" ]; then
