@@ -95,6 +95,10 @@ if [ -z "$context" ]; then
 fi
 . /etc/os-release
 log "Debian ${VERSION_CODENAME:-?} (${VERSION_ID:-?}), context=$context"
+# The image is also the local Vagrant box (scripts/vm/vagrant-box.sh), which boots on its own
+# (Vagrant's public boxes have these): init, sshd and sudo for vagrant, rsync for the synced
+# folder, dbus for hostnamectl.
+[ "$context" != image ] || APT_PKGS+=(systemd-sysv dbus openssh-server sudo rsync)
 
 export DEBIAN_FRONTEND=noninteractive
 # tshark: answer "should non-superusers be able to capture packets?" with no, silently.
@@ -166,13 +170,27 @@ if [ "$context" = vagrant ]; then
     mkdir -p /work
     ln -s /vagrant /work/rst-tracer
   fi
+  # `sudo rst-tracer ...` runs the synced checkout with this venv; the checkout's scripts
+  # (setup.sh, demo.sh) find the venv in RST_TRACER_VENV: set by pam_env for ssh logins from
+  # /etc/environment, and kept by sudo (Debian's sudo does not read /etc/environment).
+  cat >/usr/local/bin/rst-tracer <<WRAPPER
+#!/bin/sh
+# installed by vagrant/provision.sh: the rst-tracer CLI of the checkout in /work/rst-tracer
+PYTHONPATH=/work/rst-tracer exec $VENV/bin/python -m tracer "\$@"
+WRAPPER
+  chmod 755 /usr/local/bin/rst-tracer
+  grep -q '^RST_TRACER_VENV=' /etc/environment 2>/dev/null || echo "RST_TRACER_VENV=$VENV" >>/etc/environment
+  echo 'Defaults env_keep += "RST_TRACER_VENV"' >/etc/sudoers.d/rst-tracer
+  chmod 440 /etc/sudoers.d/rst-tracer
   newest=$(ls -1v /boot/vmlinuz-* 2>/dev/null | tail -n1 | sed 's|.*/vmlinuz-||')
   if [ -n "$newest" ] && [ "$newest" != "$(uname -r)" ]; then
     log "NOTE: running kernel $(uname -r), newest installed $newest: 'vagrant reload' to boot it"
   fi
   cat >&2 <<MSG
-provision: done. The checkout is at /work/rst-tracer (-> /vagrant). Run the tests with:
-  vagrant ssh -c 'cd /work/rst-tracer && sudo env RST_TRACER_VENV=$VENV $VENV/bin/python -m pytest'
+provision: done. The checkout is at /work/rst-tracer (-> /vagrant). Try:
+  vagrant ssh -c 'sudo rst-tracer watch'                              (one terminal)
+  vagrant ssh -c 'sudo /vagrant/scripts/demo.sh invalid-window'       (another)
+  vagrant ssh -c 'cd /work/rst-tracer && sudo $VENV/bin/python -m pytest tests/integration/test_kprobe.py'
 MSG
 else
   log "done (venv: $VENV)"
