@@ -35,11 +35,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pyroute2 import NetNS  # noqa: E402
 
 from tracer.lab import scenarios  # noqa: E402
 from tracer.lab.scenarios import follow  # noqa: E402
-from tracer.lab.topology import CLI_ADDR, NAT_IN_ADDR, SRV_ADDR, LabError, NatLab  # noqa: E402
+from tracer.lab.topology import CLI_ADDR, NAT_IN_ADDR, SRV_ADDR, LabError, NatLab, rtnl  # noqa: E402
 from tracer.probes.base import WANTED_DROP_REASONS  # noqa: E402
 from tracer.probes.btf import BTF  # noqa: E402
 
@@ -541,21 +540,21 @@ def add_storm_link(lab: NatLab) -> list:
     """nat/n3 10.200.3.1 -- srv/s1 10.200.3.2, MASQUERADE out of n3, a route from the client;
     an iptables rule without target on the server's OUTPUT counts every RST from the closed
     port (the wire count). Returns the new capture points."""
-    with NetNS(lab.nat) as nat:
+    with rtnl(lab.nat) as nat:
         nat.link("add", ifname="n3", kind="veth", peer={"ifname": "s1", "net_ns_fd": lab.srv})
     for ns, dev, addr in ((lab.nat, "n3", STORM_NAT_ADDR), (lab.srv, "s1", STORM_SRV_ADDR)):
         lab.add_address(ns, dev, addr, 24)
         lab.exec(ns, ["ethtool", "-K", dev, "tso", "off", "gso", "off", "gro", "off"], check=False)
-        with NetNS(ns) as ipr:
+        with rtnl(ns) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname=dev)[0], state="up")
-    with NetNS(lab.cli) as cli:
+    with rtnl(lab.cli) as cli:
         cli.route("add", dst=STORM_NET, gateway=NAT_IN_ADDR)
     lab.exec(lab.nat, ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "n3", "-j", "MASQUERADE"])
     lab.exec(lab.srv, ["iptables", "-A", "OUTPUT", "-p", "tcp", "--sport", str(CLOSED_PORT),
                        "--tcp-flags", "RST", "RST"])
     deadline = time.monotonic() + 5
     for ns, dev in ((lab.nat, "n3"), (lab.srv, "s1")):
-        with NetNS(ns) as ipr:
+        with rtnl(ns) as ipr:
             while ipr.get_links(ifname=dev)[0].get_attr("IFLA_OPERSTATE") != "UP":
                 if time.monotonic() > deadline:
                     raise LabError(f"{ns}/{dev} never came up")

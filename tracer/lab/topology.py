@@ -18,7 +18,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from pyroute2 import NetlinkError, NetNS, netns
+from pyroute2 import IPRoute, NetlinkError
+
+from ..netns import in_netns
 
 CLI_ADDR, NAT_IN_ADDR, NAT_OUT_ADDR, SRV_ADDR = "10.200.1.2", "10.200.1.1", "10.200.2.1", "10.200.2.2"
 CLI_NET, SRV_NET = "10.200.1.0/24", "10.200.2.0/24"
@@ -31,6 +33,13 @@ DNAT_DEFAULT = (DNAT_VIP, DNAT_VIP_PORT, SRV_ADDR, 8080)
 
 class LabError(RuntimeError):
     pass
+
+
+def rtnl(ns: str) -> IPRoute:
+    """An rtnetlink socket inside the named namespace, opened there with setns() by this
+    thread: pyroute2's NetNS forks a helper per call and gives up after 2 s, which a loaded
+    (or emulated) machine exceeds."""
+    return in_netns(f"/run/netns/{ns}", IPRoute)
 
 
 def run(cmd: list, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -71,15 +80,15 @@ class NatLab:
 
     def up(self) -> None:
         for ns in self.namespaces:
-            netns.create(ns)
-        with NetNS(self.nat) as nat:
+            run(["ip", "netns", "add", ns])
+        with rtnl(self.nat) as nat:
             nat.link("add", ifname="n1", kind="veth", peer={"ifname": "c0", "net_ns_fd": self.cli})
             nat.link("add", ifname="n2", kind="veth", peer={"ifname": "s0", "net_ns_fd": self.srv})
         self._addresses(self.cli, "c0", [(CLI_ADDR, 24), (CLI6_ADDR, 64)])
         self._addresses(self.nat, "n1", [(NAT_IN_ADDR, 24), (NAT6_IN_ADDR, 64)])
         self._addresses(self.nat, "n2", [(NAT_OUT_ADDR, 24), (NAT6_OUT_ADDR, 64)])
         self._addresses(self.srv, "s0", [(SRV_ADDR, 24), (SRV6_ADDR, 64)])
-        with NetNS(self.cli) as cli:  # the only route anybody needs; no default routes
+        with rtnl(self.cli) as cli:  # the only route anybody needs; no default routes
             cli.route("add", dst=SRV_NET, gateway=NAT_IN_ADDR)
             cli.route("add", dst="fd00:200:2::/64", gateway=NAT6_IN_ADDR, family=10)
         self.sysctl(self.nat, "net.ipv4.ip_forward", 1)
@@ -100,7 +109,7 @@ class NatLab:
         time.sleep(self.settle)
 
     def _addresses(self, ns: str, dev: str, addrs: list) -> None:
-        with NetNS(ns) as ipr:
+        with rtnl(ns) as ipr:
             idx = ipr.link_lookup(ifname=dev)[0]
             for addr, plen in addrs:
                 ipr.addr("add", index=idx, address=addr, prefixlen=plen,
@@ -115,7 +124,7 @@ class NatLab:
         while True:
             down = []
             for ns, dev in links:
-                with NetNS(ns) as ipr:
+                with rtnl(ns) as ipr:
                     link = ipr.get_links(ifname=dev)[0]
                     if link.get_attr("IFLA_OPERSTATE") != "UP":
                         down.append(f"{ns}/{dev}")
@@ -135,10 +144,7 @@ class NatLab:
                 p.wait()
         self.procs.clear()
         for ns in self.namespaces:
-            try:
-                netns.remove(ns)
-            except OSError:
-                pass
+            run(["ip", "netns", "del", ns], check=False)
 
     # -- helpers ----------------------------------------------------------------------
     def exec(self, ns: str, cmd: list, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -181,12 +187,12 @@ class NatLab:
                              "--dport", str(vport), "-j", "DNAT", "--to-destination", f"{backend}:{bport}"])
         self.exec(self.nat, ["iptables", "-t", "nat", "-I", "POSTROUTING", "1", "-o", "n2", "-m", "conntrack",
                              "--ctstate", "DNAT", "-j", "ACCEPT"])
-        with NetNS(self.srv) as srv:
+        with rtnl(self.srv) as srv:
             srv.route("replace", dst=CLI_NET, gateway=NAT_OUT_ADDR)
         self._dnat_done = True
 
     def add_address(self, ns: str, dev: str, addr: str, prefixlen: int, exist_ok: bool = False) -> None:
-        with NetNS(ns) as ipr:
+        with rtnl(ns) as ipr:
             try:
                 ipr.addr("add", index=ipr.link_lookup(ifname=dev)[0], address=addr, prefixlen=prefixlen,
                          **({"flags": 0x02} if ":" in addr else {}))
@@ -195,11 +201,11 @@ class NatLab:
                     raise
 
     def del_address(self, ns: str, dev: str, addr: str, prefixlen: int) -> None:
-        with NetNS(ns) as ipr:
+        with rtnl(ns) as ipr:
             ipr.addr("del", index=ipr.link_lookup(ifname=dev)[0], address=addr, prefixlen=prefixlen)
 
     def set_link(self, ns: str, dev: str, up: bool) -> None:
-        with NetNS(ns) as ipr:
+        with rtnl(ns) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname=dev)[0], state="up" if up else "down")
         if up:
             self._wait_carrier()
