@@ -22,8 +22,11 @@ Sources, best first:
   labels (io.kubernetes.pod.*, io.kubernetes.container.name: Docker labels, CRI-O
   annotations) or the containerd CRI plugin's annotations (io.kubernetes.cri.*).
 
-A runtime that is absent or unreachable is one warning, never an error; entries of
-containers that went away are kept a minute (late verdicts still name them).
+An engine that was asked for (RST_TRACER_DOCKER_HOST, DOCKER_HOST) and is absent, or one
+whose socket exists but does not answer, is one warning, never an error; a host without
+/run/docker.sock has no Docker, which needs no warning (it is looked for again, quietly, in
+case it starts later). Entries of containers that went away are kept a minute (late
+verdicts still name them).
 """
 from __future__ import annotations
 
@@ -163,13 +166,13 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
         self.sock = s
 
 
-def docker_socket_path(value: Optional[str] = None) -> str:
-    """The Engine's socket: RST_TRACER_DOCKER_HOST (a path or unix:///path), else DOCKER_HOST
-    when it is a unix socket, else /run/docker.sock."""
+def docker_socket_path(value: Optional[str] = None) -> tuple:
+    """(the Engine's socket, whether it was asked for): `value`, RST_TRACER_DOCKER_HOST (a
+    path or unix:///path), DOCKER_HOST when it is a unix socket, else /run/docker.sock."""
     for v in (value, os.environ.get(DOCKER_HOST_ENV), os.environ.get("DOCKER_HOST")):
         if v and (v.startswith("unix://") or v.startswith("/")):
-            return v[len("unix://"):] if v.startswith("unix://") else v
-    return DOCKER_SOCKET
+            return (v[len("unix://"):] if v.startswith("unix://") else v), True
+    return DOCKER_SOCKET, False
 
 
 class DockerAPI:
@@ -271,7 +274,8 @@ class Resolver:
 
     def __init__(self, docker_socket: Optional[str] = None, proc: str = "/proc", docker: bool = True):
         self.proc = proc
-        self.docker = DockerAPI(docker_socket_path(docker_socket)) if docker else None
+        path, self.docker_asked = docker_socket_path(docker_socket)
+        self.docker = DockerAPI(path) if docker else None
         self._docker: dict = {}          # container id -> DockerContainer
         self._docker_gone: dict = {}     # container id -> monotonic time it went away
         self._cgroup: dict = {}          # netns inode -> Workload found through /proc and cgroups
@@ -350,10 +354,12 @@ class Resolver:
                 if self._stopping:
                     return
                 if not os.path.exists(self.docker.path):
-                    self._warn(f"no Docker engine at {self.docker.path}: containers it runs are not named "
-                               f"(set {DOCKER_HOST_ENV} if it listens elsewhere)")
+                    if self.docker_asked:   # no engine where none was asked for: a host without Docker
+                        self._warn(f"no Docker engine at {self.docker.path}: containers it runs are not named")
                 else:
-                    self._warn(f"Docker engine at {self.docker.path} unreachable ({e}); retrying in the background")
+                    log.debug("docker engine unreachable", path=self.docker.path, error=str(e))
+                    self._warn(f"Docker engine at {self.docker.path} unreachable: containers it runs are not "
+                               f"named until it answers (tried again in the background)")
             with self._wake:
                 self._wake.wait(delay)
             delay = min(delay * 2, BACKOFF_MAX_S)

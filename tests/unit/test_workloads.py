@@ -162,6 +162,19 @@ def test_an_engine_that_is_not_there_is_one_warning(tmp_path):
     assert len(r.warnings) == 1 and "no Docker engine at" in r.warnings[0]
 
 
+def test_a_host_without_docker_gets_no_warning(tmp_path, monkeypatch):
+    import time
+    monkeypatch.delenv("RST_TRACER_DOCKER_HOST", raising=False)
+    monkeypatch.delenv("DOCKER_HOST", raising=False)
+    monkeypatch.setattr("tracer.workloads.DOCKER_SOCKET", str(tmp_path / "docker.sock"))
+    (tmp_path / "self").mkdir()
+    r = Resolver(proc=str(tmp_path))
+    r.start()
+    time.sleep(0.3)
+    r.close()
+    assert not r.docker_asked and r.warnings == []
+
+
 def test_netns_dirs_take_extra_directories_with_a_name_prefix(monkeypatch):
     assert netns_dirs("") == NETNS_DIRS
     assert netns_dirs("/tmp/x/exec/netns=docker::/var/run/other")["/tmp/x/exec/netns"] == "docker:"
