@@ -95,7 +95,9 @@ class NetnsHandles:
         self._ct: dict = {}
         self._links: dict = {}
         self._stats_seen: dict = {}   # netns -> {stat: value at the last look}
-        self._rules = TimedCache()    # netns -> firewall facts
+        # netns -> firewall facts: rule sets change rarely and a big one (kube-proxy's) takes
+        # a second to dump, now read for every router with deletions: once a minute at most
+        self._rules = TimedCache(ttl=60.0)
         self._sysctls = TimedCache()
 
     def conntrack(self, inode: int):

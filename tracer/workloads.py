@@ -326,9 +326,11 @@ class Resolver:
             self._wake.notify_all()
 
     def namespaces_removed(self, inodes) -> None:
-        with self._lock:
+        with self._wake:
             for inode in inodes:
                 self._pending.pop(inode, None)
+        with self._lock:
+            for inode in inodes:
                 self._cgroup.pop(inode, None)
             self._publish()
 
