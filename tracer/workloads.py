@@ -318,7 +318,8 @@ class Resolver:
             t.join(2)
 
     def namespaces_added(self, inodes) -> None:
-        """Namespace discovery found these: resolve them through /proc (not Docker's)."""
+        """Namespace discovery found these: resolve them through /proc (where Docker also
+        answers for one, Docker's answer wins)."""
         now = time.monotonic()
         with self._wake:
             for inode in inodes:
