@@ -30,10 +30,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from pyroute2 import NetNS, netns
-
 from .scenarios import SERVER_PORT, Outcome, follow, netns_facts, tup
-from .topology import CLI_ADDR, NAT_IN_ADDR, NAT_OUT_ADDR, SRV_ADDR, LabError, NatLab, _project_root, run
+from .topology import CLI_ADDR, NAT_IN_ADDR, NAT_OUT_ADDR, SRV_ADDR, LabError, NatLab, _project_root, rtnl, run
 
 DOCKERD, DOCKER = "/usr/sbin/dockerd", "/usr/bin/docker"   # Debian's docker.io (not a client on PATH)
 BUSYBOX = "/bin/busybox"                                   # Debian's busybox-static
@@ -177,8 +175,8 @@ class DockerLab(NatLab):
         if available():
             raise LabError(available())
         for ns in self.namespaces:
-            netns.create(ns)
-        with NetNS(self.nat) as nat:
+            run(["ip", "netns", "add", ns])
+        with rtnl(self.nat) as nat:
             nat.link("add", ifname="n2", kind="veth", peer={"ifname": "s0", "net_ns_fd": self.srv})
         self._addresses(self.nat, "n2", [(NAT_OUT_ADDR, 24)])
         self._addresses(self.srv, "s0", [(SRV_ADDR, 24)])
@@ -214,21 +212,7 @@ class DockerLab(NatLab):
             raise LabError(f"the first container got {self.containers[self.cli]}, not {CLI_ADDR}")
         self.exec(self.nat, ["ethtool", "-K", "n2", "tso", "off", "gso", "off", "gro", "off"], check=False)
         self.exec(self.srv, ["ethtool", "-K", "s0", "tso", "off", "gso", "off", "gro", "off"], check=False)
-        self._wait_links()
-
-    def _wait_links(self, timeout: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            down = []
-            for ns, dev in ((self.nat, "n2"), (self.srv, "s0"), (self.nat, "docker0")):
-                with NetNS(ns) as ipr:
-                    if ipr.get_links(ifname=dev)[0].get_attr("IFLA_OPERSTATE") != "UP":
-                        down.append(f"{ns}/{dev}")
-            if not down:
-                return
-            if time.monotonic() > deadline:
-                raise LabError("lab links never came up: " + ", ".join(down))
-            time.sleep(0.05)
+        self._wait_carrier()
 
     def down(self) -> None:
         for p in self.procs:
@@ -242,10 +226,7 @@ class DockerLab(NatLab):
         if self.engine is not None:
             self.engine.stop()
         for ns in self.namespaces:
-            try:
-                netns.remove(ns)
-            except OSError:
-                pass
+            run(["ip", "netns", "del", ns], check=False)
 
     def inspect(self, name: str) -> dict:
         return json.loads(self.engine.docker("inspect", name).stdout)[0]

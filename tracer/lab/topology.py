@@ -120,7 +120,7 @@ class NatLab:
 
     def _wait_carrier(self, timeout: float = 5.0) -> None:
         deadline = time.monotonic() + timeout
-        links = ((self.cli, "c0"), (self.nat, "n1"), (self.nat, "n2"), (self.srv, "s0"))
+        links = self.capture_points()   # every lab interface
         while True:
             down = []
             for ns, dev in links:
