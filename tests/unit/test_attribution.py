@@ -238,3 +238,24 @@ def test_a_reason_not_specified_is_no_reason():
     assert Attributor("kprobe", "h").feed(KernelEvent(**common))[0].to_dict()["cause"] == "app_abort"
     assert Attributor("kprobe", "h").feed(KernelEvent(probes_out=2, **common))[0].to_dict()["cause"] == \
         "keepalive_timeout"
+
+
+def test_a_link_event_read_late_still_finds_the_notifier_that_answered_it(fixtures):
+    """Under load the loop reads a netlink event long after it happened (a stress run read a
+    link-down 1.5 s late, and the masquerade notifier run, stamped by the kernel, was no
+    longer within a fixed second of it). The event happened between its monitor's last
+    empty read and its read: the notifier inside that interval is the one that answered it."""
+    import dataclasses
+    from tracer.events import LINK_DOWN
+    from tracer.recording import read_recording
+    events = list(read_recording(str(fixtures / "device-down.rec"))[1])
+    facts = json.loads((fixtures / "device-down.facts.json").read_text())
+    down = next(e for e in events if e.kind == LINK_DOWN and e.netns == facts["netns"]["nat"])
+    late = dataclasses.replace(down, ts_ns=down.ts_ns + 1_500_000_000, ts=down.ts + 1.5,
+                               not_before_ns=down.ts_ns - 200_000_000)
+    attributor = Attributor("tracepoint", "h")
+    verdicts = [v.to_dict() for e in events for v in attributor.feed(late if e is down else e)]
+    v = next(v for v in verdicts if v["cause"] == "conntrack_flushed")
+    ev = {e["key"]: e["value"] for e in v["evidence"]}
+    assert ev["flush_trigger"]["kind"] == "link_down"
+    assert ev["masquerade_notifier"]["notifier"] == "masq_device_event"

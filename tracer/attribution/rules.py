@@ -252,7 +252,7 @@ class ConntrackFlushed(Rule):
         if gone.by_ctnetlink:   # the kernel says who asked: no need to guess from nearby events
             trigger = Trigger.of_deletion(gone)
         else:
-            trigger = state.trigger_near(gone.netns, gone.ts, gone)
+            trigger = state.trigger_near(gone.netns, gone.when, gone)
         if gone.expired and (trigger is None or gone.reason == "timeout"):
             return None   # ConntrackExpired
         evidence = deletion_evidence(ev, gone, how, hit)
@@ -296,7 +296,7 @@ class ConntrackExpired(Rule):
 
     def explain(self, ev, state):
         gone, how, hit = deletion_for(ev, state)
-        if gone is None or not gone.expired or (state.trigger_near(gone.netns, gone.ts)
+        if gone is None or not gone.expired or (state.trigger_near(gone.netns, gone.when)
                                                 and gone.reason != "timeout"):
             return None
         timeout = gone.sysctls.get("nf_conntrack_tcp_timeout_established")

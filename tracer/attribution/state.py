@@ -13,8 +13,16 @@ from ..events import ADDR_REMOVED, LINK_DOWN, MASQ_NOTIFIER, ConntrackEntry, Ker
 # a deletion is blamed on an address/device event this close to it (the masquerade
 # cleanup runs from a work queue since 5.15, so the deletions may trail the event)
 TRIGGER_WINDOW_S = 5.0
-# a netlink address/link event is read a little after the kernel's notifier ran
-NOTIFIER_SLACK_S = 1.0
+# A netlink event happened between the last time its monitor was found empty and the time it
+# was read; where a recording did not keep the first, up to READ_LAG_S before it was read.
+# Two kernel facts of one system call (an address event and its notifier) are EPS_S apart.
+READ_LAG_S = 1.0
+EPS_S = 0.05
+
+
+def gap(a: tuple, b: tuple) -> float:
+    """Distance in time between two intervals (lo, hi): 0 when they overlap."""
+    return max(0.0, a[0] - b[1], b[0] - a[1])
 # an entry deleted with at most this much of its timeout left expired
 EXPIRED_TIMEOUT_LEFT_S = 1
 MEMORY_TTL_S = 3600.0
@@ -68,6 +76,11 @@ class Deletion:
     not_before: float = 0.0
     requester: dict = field(default_factory=dict)   # ctnetlink deletions: {pid, comm, portid}
     netns_name: str = ""
+
+    @property
+    def when(self) -> tuple:
+        """When it happened, as an interval (exact for a probe's deletion)."""
+        return (self.not_before or self.ts - READ_LAG_S, self.ts)
 
     @property
     def by_ctnetlink(self) -> bool:
@@ -124,6 +137,15 @@ class Trigger:
     notifier: str = ""
     wall: float = 0.0       # for display
     requester: dict = field(default_factory=dict)
+    not_before: float = 0.0  # netlink: when its monitor was last found empty (0: unknown)
+
+    @property
+    def when(self) -> tuple:
+        """When it happened, as an interval: a netlink event between its monitor's last empty
+        read and its own read; a probe's, exactly."""
+        if self.notifier:     # a masquerade notifier run: a probe's time
+            return (self.ts, self.ts)
+        return (self.not_before or self.ts - READ_LAG_S, self.ts)
 
     @classmethod
     def of_deletion(cls, gone: "Deletion") -> "Trigger":
@@ -276,10 +298,10 @@ class AttributionState:
     # -- what flushes entries ------------------------------------------------------------
     def add_trigger(self, ev: KernelEvent) -> None:
         t = Trigger(ev.kind, ev.netns, ev.context.netns_name, ev.mono, ev.context.ifname, ev.address,
-                    ev.notifier, ev.ts)
+                    ev.notifier, ev.ts, not_before=ev.not_before_ns / 1e9)
         self._triggers.setdefault(ev.netns, deque(maxlen=256)).append(t)
 
-    def trigger_near(self, netns: int, ts: float, gone: Optional[Deletion] = None) -> Optional[Trigger]:
+    def trigger_near(self, netns: int, when: tuple, gone: Optional[Deletion] = None) -> Optional[Trigger]:
         """The address removal or device-down event in that namespace, within
         TRIGGER_WINDOW_S of a deletion, that best explains it: the removal of the entry's own
         NAT address, a device going down (first when the kernel said so), the removal of
@@ -289,7 +311,7 @@ class AttributionState:
         A masquerade notifier run alone is no trigger: it runs for every address and device
         event (additions, new veths), not only the ones that flush."""
         near = [t for t in self._triggers.get(netns, ())
-                if t.kind in (ADDR_REMOVED, LINK_DOWN) and abs(ts - t.ts) <= TRIGGER_WINDOW_S]
+                if t.kind in (ADDR_REMOVED, LINK_DOWN) and gap(when, t.when) <= TRIGGER_WINDOW_S]
         if not near:
             return None
         nat_addr = gone.entry.reply.dst.addr if gone is not None else ""
@@ -301,7 +323,7 @@ class AttributionState:
             if t.address.split("/")[0] == nat_addr:
                 return 1 if by_device else 0
             return 2 if (":" in t.address) == (":" in nat_addr) else 3
-        return min(near, key=lambda t: (rank(t), abs(ts - t.ts)))
+        return min(near, key=lambda t: (rank(t), gap(when, t.when), abs(when[1] - t.ts)))
 
     def notifier_for(self, trigger: Trigger) -> Optional[Trigger]:
         """The masquerade notifier run that answered an address removal or device-down
@@ -316,5 +338,5 @@ class AttributionState:
             name = "masq_inet6_event" if ":" in trigger.address else "masq_inet_event"
         near = [t for runs in self._triggers.values() for t in runs
                 if t.kind == MASQ_NOTIFIER and t.notifier == name
-                and -NOTIFIER_SLACK_S <= trigger.ts - t.ts <= NOTIFIER_SLACK_S]
-        return min(near, key=lambda t: abs(trigger.ts - t.ts)) if near else None
+                and gap(trigger.when, t.when) <= EPS_S]
+        return min(near, key=lambda t: gap(trigger.when, t.when)) if near else None
