@@ -48,6 +48,8 @@ PLAN = [
      "ct-expire", {}, {}, lambda f: f"idle {f['idle_seconds']:.1f}s, server: {f['server_after']}"),
     ("Conntrack table full: new flows dropped (opt-in)",
      "table-full", {}, {}, lambda f: f"{f['failed_connects']} connects failed, {f['dropped_syns']} SYNs dropped"),
+    ("Not conntrack: the router's raw table drops packets it never tracked (and a NOTRACK'd SYN)",
+     "raw-drop", {}, {}, lambda f: ", ".join(f"{c['kind']}: {c['dropped']} dropped" for c in f["cases"])),
     ("Ordinary: SYNs to a closed port", "closed-port", {"count": 3}, {}, lambda f: f"{f['outcomes']}"),
     ("Ordinary: applications abort (unread data on close; SO_LINGER 0)",
      "app-abort", {}, {}, lambda f: ", ".join(f"{c['kind']}: peer {c['peer_after']}" for c in f["cases"])),
