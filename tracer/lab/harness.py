@@ -36,6 +36,8 @@ def effective_verdicts(records, netns=None) -> tuple:
 
 
 class TracerProcess:
+    detach_timeout = 30.0
+
     def __init__(self, *extra_args: str, record: str = "", env: dict = None):
         self.args = [sys.executable, "-m", "tracer", "watch", "--json", *extra_args] + \
             (["--backend", os.environ["RST_TRACER_BACKEND"]] if os.environ.get("RST_TRACER_BACKEND") else [])
@@ -91,7 +93,7 @@ class TracerProcess:
             time.sleep(settle)  # let the last events cross the ring buffer
             self.proc.send_signal(signal.SIGINT)
         try:
-            self.proc.wait(timeout=30)
+            self.proc.wait(timeout=self.detach_timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
