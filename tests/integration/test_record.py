@@ -18,7 +18,7 @@ def test_the_compiled_record_is_the_decoders():
     if tree:
         os.environ["BCC_KERNEL_SOURCE"] = tree
     text = expand_local_includes("record.h") + "BPF_ARRAY(record_layout, struct rst_event, 1);\n"
-    b = bcc.BPF(text=text)
+    b = bcc.BPF(text=text.encode())
     try:
         leaf = b["record_layout"].Leaf
         assert [name for name, *_ in leaf._fields_] == [name for name, *_ in record.FIELDS]

@@ -182,6 +182,6 @@ def compile_program(source: str, defines: dict, caps: Capabilities):
         os.environ["BCC_KERNEL_SOURCE"] = tree
     cflags = [f"-D{k}={v}" for k, v in sorted(defines.items())]
     try:
-        return bcc.BPF(text=expand_local_includes(source), cflags=cflags)
+        return bcc.BPF(text=expand_local_includes(source).encode(), cflags=cflags)
     except Exception as e:  # BCC raises bare Exception for compile and attach failures
         raise LoadError(f"loading bpf/{source} failed: {e}") from e
