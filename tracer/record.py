@@ -4,7 +4,7 @@ carries (event kinds, probe ids, deletion reasons), defined once, here.
 The numbers the kernel counts shed ordinary events by (Class) are here too.
 The C side gets the struct as a generated header (`#include "record.h"` in bpf/, expanded by
 the loader) and the numbers as -D defines; the decoder unpacks with the struct format made
-from the same table. tests/integration/test_record.py compares every field's offset and size
+from the same table. tests/integration/test_record_layout.py compares every field's offset and size
 with what the BPF compiler laid out.
 """
 from __future__ import annotations
