@@ -38,8 +38,9 @@ SOCK=$RUN/libvirt/libvirt-sock
 URI="qemu:///system?socket=$SOCK"
 CREATED_MOUNTPOINTS=$RUN/created-mountpoints
 QEMU_ID=64055 # uid/gid of libvirt-qemu in the daemon's private passwd (qemu itself runs as root)
-# state dir -> where libvirtd sees it (besides $RUN/libvirt -> /run/libvirt)
-BINDS=(etc:/etc/libvirt lib:/var/lib/libvirt log:/var/log/libvirt cache:/var/cache/libvirt)
+# what libvirtd sees where (source:target bind mounts)
+BINDS=("$STATE/etc:/etc/libvirt" "$STATE/lib:/var/lib/libvirt" "$STATE/log:/var/log/libvirt"
+       "$STATE/cache:/var/cache/libvirt" "$RUN/libvirt:/run/libvirt")
 
 running_pid() {
   local pid
@@ -91,10 +92,12 @@ start() {
     log "running (pid $pid, netns $NS)"
     return 0
   fi
+  # a start that fails half way leaves nothing behind
+  trap 'rc=$?; [ $rc -eq 0 ] || { log "start failed: cleaning up"; stop --force; }' EXIT
   [ -e "/run/netns/$NS" ] || ip netns add "$NS"
   ip -n "$NS" link set lo up
+  rm -rf "$STATE/log" # the logs (daemon, qemu, guest console) are of this daemon's life
   write_config
-  : >"$STATE/log/libvirtd.log"
   # The qemu driver resolves its built-in user and group (libvirt-qemu, which Debian's
   # libvirt-daemon-system would add to the host) even when qemu.conf names root: the daemon
   # gets copies of passwd and group with them, instead of the host getting a new user.
@@ -104,14 +107,14 @@ start() {
     echo "libvirt-qemu:x:$QEMU_ID:$QEMU_ID:libvirt qemu (confined libvirtd only):/var/lib/libvirt:/usr/sbin/nologin" >>"$RUN/passwd"
   getent group libvirt-qemu >/dev/null || echo "libvirt-qemu:x:$QEMU_ID:" >>"$RUN/group"
   local b target binds=("$RUN/passwd" /etc/passwd "$RUN/group" /etc/group)
-  for b in "${BINDS[@]}" run:/run/libvirt; do
+  for b in "${BINDS[@]}"; do
     target=${b#*:}
     # bind mounts need a mount point; the ones we create here are removed by stop
     if [ ! -d "$target" ]; then
       mkdir -p "$target"
       echo "$target" >>"$CREATED_MOUNTPOINTS"
     fi
-    if [ "${b%%:*}" = run ]; then binds+=("$RUN/libvirt" "$target"); else binds+=("$STATE/${b%%:*}" "$target"); fi
+    binds+=("${b%%:*}" "$target")
   done
   # ip netns exec: the namespace; unshare: a private mount namespace for the bind mounts
   # (they vanish with the daemon). --daemon returns once the daemon listens.
@@ -122,6 +125,7 @@ start() {
       exec libvirtd --daemon --pid-file "$pidfile"' sh "$PIDFILE" "${binds[@]}"
   pid=$(running_pid) || die "libvirtd did not start (see $STATE/log/libvirtd.log)"
   virsh_ version >/dev/null || die "libvirtd (pid $pid) does not answer on $SOCK"
+  trap - EXIT
   log "started (pid $pid, netns $NS, $URI)"
 }
 

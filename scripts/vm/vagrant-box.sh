@@ -89,6 +89,7 @@ else
     rm -rf --one-file-system "$d"
   done
   WORK=$(mktemp -d "$CACHE/.build-$SUITE.XXXXXX")
+  chmod 755 "$WORK"
   ROOT=$WORK/root
   cleanup() {
     local rc=$?

@@ -25,7 +25,7 @@ LIBVIRTD = VAGRANT_DIR / "libvirtd.sh"
 LOCAL = dict(line.strip().split("=", 1) for line in (VAGRANT_DIR / "local.env").read_text().splitlines()
              if line[:1].isupper())
 NETNS = LOCAL["RST_LIBVIRT_NETNS"]
-CONSOLE_LOG = Path(LOCAL["RST_LIBVIRT_STATE"]) / "log" / "console-bookworm.log"
+LIBVIRT_LOGS = Path(LOCAL["RST_LIBVIRT_STATE"]) / "log"
 ENV = dict(os.environ, RST_BOX="bookworm")
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
@@ -40,10 +40,15 @@ def run(*cmd, timeout: float, check: bool = True) -> tuple:
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     took = time.monotonic() - t0
     if check and proc.returncode != 0:
-        console = CONSOLE_LOG.read_text(errors="replace")[-3000:] if CONSOLE_LOG.exists() else "(none)"
-        pytest.fail(f"{' '.join(cmd)}: exit {proc.returncode} after {took:.0f} s\n{proc.stdout[-6000:]}\n"
-                    f"--- guest console (tail) ---\n{console}")
+        pytest.fail(f"{' '.join(cmd)}: exit {proc.returncode} after {took:.0f} s\n{proc.stdout[-6000:]}"
+                    + guest_logs())
     return took, proc.stdout
+
+
+def guest_logs() -> str:
+    """The tails of the guest's console and of its qemu log (how qemu ended, e.g. killed)."""
+    logs = sorted(LIBVIRT_LOGS.glob("console-*.log")) + sorted(LIBVIRT_LOGS.glob("qemu/*.log"))
+    return "".join(f"\n--- {log} (tail) ---\n{log.read_text(errors='replace')[-2500:]}" for log in logs)
 
 
 def guest(command: str, timeout: float) -> tuple:
