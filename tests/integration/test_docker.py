@@ -3,8 +3,6 @@ the lab: tracer/lab/docker.py): Docker's bridge, Docker's MASQUERADE, containers
 an imported busybox image. Each verdict must name the container (and the pod, for
 containers carrying the kubelet's labels); remedies must fit Docker's chains; the root
 namespace must keep no rule, address or link it did not have."""
-import json
-import os
 import subprocess
 import sys
 from contextlib import contextmanager

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -291,7 +290,7 @@ def snat_clash_containers(lab: DockerLab, port: int = 20000, lead: float = 3.0) 
         lab.exec(lab.nat, ["iptables-nft", "-t", "mangle", "-A", chain, "-j", "NFQUEUE", "--queue-num", str(queue),
                            "--queue-bypass"])
     syn = f"tcp dport {SERVER_PORT} tcp flags & (syn | ack) == syn"
-    slow = "\n".join(f"    meta mark 3 drop" for _ in range(SLOW_RULES))
+    slow = "\n".join("    meta mark 3 drop" for _ in range(SLOW_RULES))
     lab.exec(lab.nat, ["nft", "-f", "-"], input=(
         "table ip mangle {\n"
         f"  chain rstlab_slow {{\n{slow}\n  }}\n"
