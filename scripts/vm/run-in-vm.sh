@@ -15,6 +15,8 @@
 #      VM_CPU     qemu -cpu (default: max with tcg, host with kvm)
 #      VM_MEM     MiB (default 2048)      VM_SMP  vCPUs (default 2)
 #      VM_TIMEOUT seconds (default 3000)  VM_APPEND  extra kernel command line
+#      VM_DIAG_AFTER  seconds after which a run still going prints its processes and their
+#                 kernel stacks on the console, then every 10 min (default 1500)
 #      VM_KEEP=1  keep the control dir (run.sh, out.log, rc) and print its path
 #      RST_VM_CACHE  image cache root (see build-image.sh)
 set -euo pipefail
@@ -49,8 +51,28 @@ fi
   printf 'export CI=%q\n' "${CI:-}"
   echo 'export PATH=/opt/rst-tracer/venv/bin:$PATH'
   echo 'cd /work/rst-tracer || { echo "run-in-vm: no /work/rst-tracer in the guest" >&2; exit 125; }'
+  # A run still going after VM_DIAG_AFTER s (the kprobe suite takes 10-15 min) shows, straight
+  # on the console (not through the output pipe, which may be what is stuck), every process,
+  # what it waits on in the kernel, and the kernel's last messages; again every 10 min.
+  printf 'diag_after=%q\n' "${VM_DIAG_AFTER:-1500}"
+  cat <<'DIAG'
+( sleep "$diag_after"; while :; do
+    { echo "run-in-vm: still running after $(cut -d. -f1 /proc/uptime) s of uptime: processes, kernel stacks"
+      ps -eo pid,ppid,stat,etime,time,wchan:32,args
+      for d in /proc/[0-9]*; do
+        cmd=$(tr '\0' ' ' <"$d/cmdline" 2>/dev/null | cut -c1-120)
+        [ -n "$cmd" ] || continue   # kernel threads
+        echo "--- ${d#/proc/} $cmd"
+        cat "$d/stack" 2>/dev/null | head -12
+      done
+      dmesg | tail -30; } >/dev/console 2>&1
+    sleep 600
+  done ) </dev/null >/dev/null 2>&1 &
+diag=$!
+DIAG
   printf '%q ' "$@"
   echo
+  echo 'rc=$?; kill "$diag" 2>/dev/null; exit $rc'
 } >"$CTL/run.sh"
 
 case ${VM_ACCEL:-tcg} in
