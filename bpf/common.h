@@ -356,14 +356,26 @@ static __always_inline int report_receive_reset(u64 sk, u16 probe)
 }
 
 // kfree_skb(skb, location, reason): a TCP packet dropped for a reason worth attributing
-// (the caller filtered on the reason or, before 5.17, on the call site). A listen overflow
-// is ordinary; a netfilter drop may be a root cause (NAT clash, table full, INVALID).
-static __always_inline int report_drop(u64 skb, u64 location, u32 reason, u16 probe, int ordinary_drop)
+// (the caller filtered on the reason or, before 5.17, on the call site; `filter` is a
+// DROP_* of tracer/record.py). A listen overflow is ordinary; a netfilter drop may be a root
+// cause (NAT clash, table full, INVALID); a drop with no reason only when it is a SYN whose
+// entry is SNATed and not confirmed (a clash at confirm after an NFQUEUE verdict is freed by
+// nf_reinject with none).
+static __always_inline int report_drop(u64 skb, u64 location, u32 reason, u16 probe, u8 filter)
 {
     if (!skb_is_tcp(skb))
         return 0;
+    if (filter == DROP_UNCONFIRMED_NAT_SYN) {
+        struct peek p = {};
+        peek_segment(skb, &p);
+        u64 ct = rd64(skb + OFF_SKB_NFCT) & ~7ULL;
+        u32 status = ct ? rd32(ct + OFF_NF_CONN_STATUS) : 0;
+        if ((p.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN || !(status & IPS_SRC_NAT) ||
+            (status & IPS_CONFIRMED))
+            return 0;
+    }
     struct rst_event *e;
-    if (ordinary_drop) {
+    if (filter == DROP_ORDINARY) {
         struct peek p = {};
         peek_segment(skb, &p);
         e = ordinary_reserve(KIND_SKB_DROPPED, probe, p.netns, CLASS_LISTEN_OVERFLOW, p.dport);

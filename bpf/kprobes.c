@@ -109,14 +109,14 @@ int tp_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
     u64 skb = ctx->args[0];
     u32 reason = 0;
     u16 probe = PROBE_KFREE_SKB;
-    int ordinary_drop = 0;
+    u8 filter = DROP_ROOT_CAUSE;
 #if KFREE_SKB_HAS_REASON
     reason = ctx->args[2];
     u32 idx = reason;
     u8 *wanted = wanted_drop_reasons.lookup(&idx);
     if (!wanted || !*wanted)
         return 0;
-    ordinary_drop = *wanted == 2;
+    filter = *wanted;
 #else
     u64 loc = ctx->args[1];
     u32 i0 = 0, i1 = 1;
@@ -125,7 +125,7 @@ int tp_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     probe = PROBE_KFREE_SKB_NF_HOOK;
 #endif
-    return report_drop(skb, ctx->args[1], reason, probe, ordinary_drop);
+    return report_drop(skb, ctx->args[1], reason, probe, filter);
 }
 
 // -- conntrack INVALID, with the kernel's reason -----------------------------------------

@@ -7,8 +7,8 @@
 #include "common.h"
 
 // Drop reasons we attribute; everything else is filtered here so ordinary drops cost
-// nothing in user space. Index = enum skb_drop_reason value, filled by the loader with the
-// lane: 1 root-cause, 2 ordinary.
+// nothing in user space. Index = enum skb_drop_reason value, filled by the loader with a
+// DROP_* (tracer/record.py: which lane, or only an unconfirmed SNATed SYN).
 BPF_ARRAY(wanted_drop_reasons, u8, 256);
 
 RAW_TRACEPOINT_PROBE(tcp_send_reset)
@@ -36,7 +36,7 @@ RAW_TRACEPOINT_PROBE(kfree_skb)
     u8 *wanted = wanted_drop_reasons.lookup(&idx);
     if (!wanted || !*wanted)
         return 0;
-    return report_drop(ctx->args[0], ctx->args[1], reason, 0, *wanted == 2);
+    return report_drop(ctx->args[0], ctx->args[1], reason, 0, *wanted);
 }
 
 // Addresses of the masquerade notifiers (masq_inet_event, masq_inet6_event,

@@ -75,6 +75,16 @@ class Class(IntEnum):
     LISTEN_OVERFLOW = 5  # a handshake dropped: the accept queue was full
 
 
+class DropFilter(IntEnum):
+    """What the kernel side does with a kfree_skb of a wanted drop reason
+    (wanted_drop_reasons[reason])."""
+    ROOT_CAUSE = 1         # report it in the root-cause lane
+    ORDINARY = 2           # report it in the ordinary lane
+    # only a TCP SYN whose conntrack entry is SNATed and not confirmed, in the root-cause lane:
+    # a clash at confirm after an NFQUEUE verdict ends in nf_reinject's kfree_skb, no reason
+    UNCONFIRMED_NAT_SYN = 3
+
+
 CLASS_CAUSES = {Class.NO_LISTENER: "no_listener", Class.TIMEWAIT: "timewait", Class.SOCKET_RESET: "socket_reset",
                 Class.PEER_RESET: "peer_reset", Class.LISTEN_OVERFLOW: "listen_overflow"}
 
@@ -225,11 +235,12 @@ def c_header() -> str:
 
 
 def c_defines() -> dict:
-    """KIND_*, PROBE_*, DEL_* and CLASS_* for the compiler."""
+    """KIND_*, PROBE_*, DEL_*, CLASS_* and DROP_* for the compiler."""
     out = {f"KIND_{k.name}": int(k) for k in Kind}
     out.update({f"PROBE_{p.name}": int(p) for p in Probe})
     out.update({f"DEL_{d.name}": int(d) for d in DeleteReason})
     out.update({f"CLASS_{c.name}": int(c) for c in Class})
+    out.update({f"DROP_{d.name}": int(d) for d in DropFilter})
     out["CLASS_COUNT"] = max(Class) + 1
     out["RST_EVENT_SIZE"] = SIZE
     return out

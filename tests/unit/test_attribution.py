@@ -113,6 +113,17 @@ def test_every_clashed_syn_is_a_snat_port_clash(fixtures):
     assert any("--random-fully" in c for c in v["remedy"]["commands"])
 
 
+def test_a_clash_after_an_nfqueue_verdict_is_a_snat_port_clash_too(fixtures):
+    """The lab's certain clash (both SYNs held after NAT, the winner let go first): the
+    loser's SYN is freed by nf_reinject with no drop reason, its entry SNATed, unconfirmed."""
+    verdicts, facts = scenario(fixtures, "snat-race-held")
+    [v] = verdicts
+    assert v["cause"] == "snat_port_clash" and facts["insert_failed"] == 1
+    assert v["nat"]["inside"] == facts["retransmitted"][0]["inside"]
+    assert v["kernel"]["reason"] == "NOT_SPECIFIED" and "reinject" in v["kernel"]["location"]
+    assert {"unconfirmed_nat_drop", "nated_source", "insert_failed_delta", "masquerade_rules"} <= keys(v)
+
+
 def test_vip_move_names_the_address_removal_and_the_new_port(fixtures):
     verdicts, facts = scenario(fixtures, "vip-move")
     first = next(v for v in verdicts if v["cause"] == "conntrack_flushed")

@@ -326,9 +326,12 @@ class SnatPortClash(Rule):
     cause = "snat_port_clash"
     root_cause = True
 
+    # nf_hook_slow's NF_DROP; nf_reinject's kfree_skb when the clash follows an NFQUEUE verdict
+    DROP_REASONS = ("NETFILTER_DROP", "NOT_SPECIFIED")
+
     def explain(self, ev, state):
         ct = ev.skb_ct
-        if not (ev.kind == SKB_DROPPED and ev.reason == "NETFILTER_DROP" and ev.is_syn and ct is not None
+        if not (ev.kind == SKB_DROPPED and ev.reason in self.DROP_REASONS and ev.is_syn and ct is not None
                 and ct.status & IPS_SRC_NAT and not ct.status & IPS_CONFIRMED):
             return None
         delta = ev.context.ct_stats_delta

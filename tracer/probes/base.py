@@ -7,13 +7,15 @@ import ctypes
 import threading
 import time
 
+from ..record import DropFilter
 from .btf import BTF
 from .capabilities import Capabilities
 from .loader import compile_program, kernel_defines, release_compiler_memory
 
-# kfree_skb reasons worth a user-space event, and their lane (1: may be a root cause,
-# 2: ordinary); every other drop is filtered in the kernel
-WANTED_DROP_REASONS = {"NETFILTER_DROP": 1, "TCP_LISTEN_OVERFLOW": 2}
+# kfree_skb reasons worth a user-space event, and what the kernel side keeps of them; every
+# other drop is filtered in the kernel
+WANTED_DROP_REASONS = {"NETFILTER_DROP": DropFilter.ROOT_CAUSE, "TCP_LISTEN_OVERFLOW": DropFilter.ORDINARY,
+                       "NOT_SPECIFIED": DropFilter.UNCONFIRMED_NAT_SYN}
 # bpf/common.h, auto-attached by BCC on both backends: namespaces as they are born
 NETNS_PROBES = ["task:task_newtask", "sched:sched_process_exec"]
 
