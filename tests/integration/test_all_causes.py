@@ -20,8 +20,9 @@ CONNTRACK_CAUSES = {"conntrack_invalid_unnat", "snat_port_clash", "conntrack_flu
 
 
 class Run:
-    def __init__(self, outcome, records, packets, lab_inodes, names):
+    def __init__(self, outcome, records, packets, lab_inodes, names, tracer_stderr=""):
         self.outcome = outcome
+        self.tracer_stderr = tracer_stderr
         self.facts = outcome.facts
         self.names = names                  # {"cli": netns name, "nat": ..., "srv": ...}
         self.records = records
@@ -42,8 +43,15 @@ class Run:
 
     def assert_wire_covered(self):
         cov = rst_coverage(self.packets, self.verdicts)
-        assert cov["coverage"] == 1.0, (cov["unmatched"], cov["ambiguous"])
+        assert cov["coverage"] == 1.0, (cov["unmatched"], cov["ambiguous"], self.explain())
         return cov
+
+    def explain(self) -> str:
+        """What the tracer said, for a failure: the lab's verdicts, every record that is not a
+        verdict (status, loss, aggregate), the end of its stderr."""
+        lines = [f"{v['type']} {v['cause']} {v['direction']} {v.get('flow')} ns={v['netns']}" for v in self.verdicts]
+        lines += [json.dumps(r) for r in self.records if r.get("type") not in ("verdict", "correction")]
+        return "\n".join(lines + ["stderr: " + self.tracer_stderr[-3000:]])
 
 
 @contextmanager
@@ -63,7 +71,7 @@ def traced(scenario, wire=True, lab_opts=None, **opts):
             records = tracer.stop()
     finally:
         tracer.stop()
-    yield Run(outcome, records, packets, inodes, names)
+    yield Run(outcome, records, packets, inodes, names, tracer.stderr)
 
 
 def needs(name):
@@ -138,6 +146,7 @@ def test_invalid_dnat_is_named_on_the_client_with_the_service_tuple():
         assert run.evidence(v)["ct_invalid_delta"] >= 1
 
 
+@pytest.mark.race
 def test_snat_race_every_retransmitted_syn_is_a_port_clash():
     with traced("snat-race", random_fully=False) as run:
         clashes = run.causes("snat_port_clash")
@@ -156,6 +165,7 @@ def test_snat_race_every_retransmitted_syn_is_a_port_clash():
         run.assert_wire_covered()
 
 
+@pytest.mark.race
 def test_snat_race_with_random_fully_says_so():
     with traced("snat-race", wire=False, random_fully=True) as run:
         clashes = run.causes("snat_port_clash")

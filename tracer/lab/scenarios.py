@@ -156,7 +156,7 @@ class ScenarioSkipped(LabError):
     """The scenario cannot or may not run here (e.g. it needs an opt-in): skip, not fail."""
 
 
-RACE_SRC_BASE = 10          # snat-race clients: 10.200.1.10, .11, ... (/32s on c0)
+RACE_SRC_BASE = 10          # snat-race clients: 10.200.1.10 (loser), .11 (winner), /32s on c0
 APP_ABORT_PORTS = (8081, 8082)
 VIP_MOVE_VIP = "10.200.2.100"
 ALLOW_GLOBAL_SYSCTL = "RST_TRACER_ALLOW_GLOBAL_SYSCTL"
@@ -375,42 +375,65 @@ def invalid_dnat(lab: NatLab, offset: int = 1 << 30) -> Outcome:
 
 
 # -- incident 2 -------------------------------------------------------------------------
-def snat_race(lab: NatLab, random_fully=None, procs: int = 8, rounds: int = 250, spacing: float = 0.004,
-              base: int = 20000, attempts: int = 3, budget: float = 18.0) -> Outcome:
-    """Incident 2: clients with their own addresses connect at the same instant with the same
-    source port to one server through MASQUERADE: NAT picks the same port twice, the second
-    entry fails to confirm (insert_failed), its SYN is dropped and retransmitted (>= 1 s)."""
+CLASH_QUEUES = (7, 8)        # NFQUEUE numbers of the winner's and the loser's SYN
+
+
+def hold_racing_syns(lab: NatLab, winner: str, loser: str, port: int) -> Follow:
+    """Rules in the router and the `nat-clash` program (tracer/lab/traffic.py) that make the
+    race of incident 2 certain between the SYNs to `port` from `winner` and `loser` (their
+    original source addresses): both are queued after NAT, before conntrack's confirm, so NAT
+    gives both the same port (an entry not yet confirmed does not hold it); `nat-clash` lets
+    the winner go, whose entry is confirmed, then the loser, which clashes with it at confirm
+    (insert_failed +1) and is dropped. No timing is involved: when each SYN came does not
+    matter, only the order they are let go in. This kernel has no nft `queue`
+    (CONFIG_NFT_QUEUE): iptables' NFQUEUE target, in chains of iptables-nft's mangle table
+    that an nft base chain after srcnat (priority 200) jumps to."""
+    syn = f"tcp dport {port} tcp flags & (syn | ack) == syn"
+    chains = (("RSTLAB_WIN", CLASH_QUEUES[0], winner), ("RSTLAB_LOSE", CLASH_QUEUES[1], loser))
+    for chain, queue, _ in chains:
+        lab.exec(lab.nat, ["iptables-nft", "-t", "mangle", "-N", chain])
+        lab.exec(lab.nat, ["iptables-nft", "-t", "mangle", "-A", chain, "-j", "NFQUEUE", "--queue-num", str(queue),
+                           "--queue-bypass"])
+    jumps = "".join(f"    ct original ip saddr {addr} {syn} jump {chain}\n" for chain, _, addr in chains)
+    lab.exec(lab.nat, ["nft", "-f", "-"], input=(
+        "table ip mangle {\n  chain rstlab_post {\n"
+        f"    type filter hook postrouting priority 200; policy accept;\n{jumps}  }}\n}}\n"))
+    clash = follow(lab, lab.nat, ["nat-clash", "--winner-queue", str(CLASH_QUEUES[0]),
+                                  "--loser-queue", str(CLASH_QUEUES[1])], "nat-clash")
+    clash.wait("holding")
+    return clash
+
+
+def snat_race(lab: NatLab, random_fully=None, sport: int = 20000) -> Outcome:
+    """Incident 2: two clients with their own addresses connect at the same instant with the
+    same source port to one server through MASQUERADE. NAT gives both that port (neither
+    entry is confirmed yet); the winner's is confirmed first, the loser's fails to confirm
+    (insert_failed), its SYN is dropped and retransmitted 1 s later, through another port.
+    The router holds both SYNs between NAT and confirm and lets the winner go first
+    (hold_racing_syns), so the race that two CPUs win only sometimes, and under load hardly
+    ever, happens every time. With --random-fully the two get different ports and nothing
+    clashes."""
     t_start = time.monotonic()
     rf = _masquerade(lab, random_fully)
     net = CLI_ADDR.rsplit(".", 1)[0]
-    for k in range(procs):  # one /32 per client process, in the client's namespace only
-        lab.add_address(lab.cli, "c0", f"{net}.{RACE_SRC_BASE + k}", 32, exist_ok=True)
+    winner, loser = f"{net}.{RACE_SRC_BASE + 1}", f"{net}.{RACE_SRC_BASE}"
+    for addr in (loser, winner):  # /32s in the client's namespace only
+        lab.add_address(lab.cli, "c0", addr, 32, exist_ok=True)
     sink = follow(lab, lab.srv, ["sink", "--addr", SRV_ADDR, "--port", str(SERVER_PORT), "--hold"], "sink")
     sink.wait("listening")
+    clash = hold_racing_syns(lab, winner, loser, SERVER_PORT)
     before = lab.conntrack_stats()
-    runs, slow = [], []
-    for run in range(attempts):
-        port0 = base + run * rounds
-        race = follow(lab, lab.cli, ["race", "--addr", SRV_ADDR, "--port", str(SERVER_PORT),
-                                     "--src-base", f"{net}.{RACE_SRC_BASE}", "--procs", str(procs),
-                                     "--rounds", str(rounds), "--base", str(port0),
-                                     "--spacing", str(spacing)], "race")
-        done = race.wait("done", timeout=10 + rounds * spacing)
-        stats = lab.conntrack_stats()
-        runs.append({"base": port0, "connects": done["connects"], "ok": done["ok"], "failed": done["failed"],
-                     "insert_failed": stats.get("insert_failed", 0) - before.get("insert_failed", 0)
-                     - sum(r["insert_failed"] for r in runs),
-                     "max_latency": done["max_latency"], "median_latency": done["median_latency"]})
-        slow += done["slow"]
-        # without --random-fully one run normally clashes; more runs only if it did not
-        if rf or stats.get("insert_failed", 0) > before.get("insert_failed", 0) \
-                or time.monotonic() - t_start > budget / 2:
-            break
+    race = follow(lab, lab.cli, ["race", "--addr", SRV_ADDR, "--port", str(SERVER_PORT), "--src-base", loser,
+                                 "--procs", "2", "--rounds", "1", "--base", str(sport)], "race")
+    clash.wait("released", timeout=15)
+    done = race.wait("done", timeout=15)
     after = lab.conntrack_stats()
     entries = lab.conntrack()
     by_port = {e["reply"].get("dport"): e for e in entries if e["reply"].get("dst") == NAT_OUT_ADDR}
     retransmitted = []
-    for r in slow:
+    # slow connects whose SYN went again (the first to be held waits for the other to come,
+    # which under load can take long enough to count as slow)
+    for r in (r for r in done["slow"] if r["retrans"] or not r["ok"]):
         entry = find_entry(lab, r["src"], r["sport"], SERVER_PORT, entries)
         holder = by_port.get(r["sport"]) if not rf else None  # who got the port it asked for
         retransmitted.append({
@@ -418,19 +441,17 @@ def snat_race(lab: NatLab, random_fully=None, procs: int = 8, rounds: int = 250,
             "outside": tup(entry["reply"]["dst"], entry["reply"]["dport"], SRV_ADDR, SERVER_PORT)
             if entry else None,
             "latency": r["latency"], "ok": r["ok"], "errno": r["errno"], "retrans": r["retrans"],
-            "round": r["round"],
             "port_taken_by": tup(holder["orig"]["src"], holder["orig"]["sport"], SRV_ADDR, SERVER_PORT)
             if holder and holder["orig"].get("src") != r["src"] else None,
         })
     return Outcome("snat-race", {
-        "random_fully": rf,
-        "processes": procs, "rounds": rounds, "runs": runs, "spacing": spacing,
-        "connects": sum(r["connects"] for r in runs),
+        "random_fully": rf, "winner": winner, "loser": loser, "sport": sport,
+        "connects": done["connects"], "connected": done["ok"],
         "insert_failed": after.get("insert_failed", 0) - before.get("insert_failed", 0),
         "drop": after.get("drop", 0) - before.get("drop", 0),
         "retransmitted": retransmitted,
         "server": {"addr": SRV_ADDR, "port": SERVER_PORT},
-        "clients": [f"{net}.{RACE_SRC_BASE + k}" for k in range(procs)],
+        "clients": [loser, winner],
         "netns": netns_facts(lab),
         "duration": time.monotonic() - t_start,
     })

@@ -721,16 +721,13 @@ def _nfq_accept(s, queue: int, packet: int) -> None:
 
 
 def nat_clash(args) -> None:
-    """Makes incident 2 certain, on the kernel's own path. Rules of the router queue the
-    winner's SYN after NAT (--winner-queue: NATed, its entry not confirmed) and the loser's
-    before conntrack (--loser-queue); the loser's path after NAT crosses a slow chain. Once
-    both are held, the loser is let go on one CPU: NAT gives it the winner's port (an entry
-    not yet confirmed does not hold its port), then it crawls through the slow chain; --delay
-    s later a process on the other CPU lets the winner go, which is confirmed at once; the
-    loser then clashes at confirm and netfilter drops it (NF_DROP in nf_hook_slow), as when
-    two CPUs race. Exits after (the rules' `bypass` lets the retransmissions through)."""
-    import mmap
-    import os
+    """Makes incident 2 certain, on the kernel's own path, with no timing in it. Rules of the
+    router queue both racing SYNs after NAT, before conntrack's confirm (--winner-queue,
+    --loser-queue): an entry not yet confirmed does not hold its port, so NAT gave both the
+    same one. Once both are held, the winner is let go (the verdict returns once its entry
+    is confirmed and its SYN sent), then the loser, which meets the winner's entry at
+    confirm: a clash (insert_failed +1), and nf_reinject frees the SYN. Then it exits: the
+    rules' bypass lets the loser's retransmission through."""
     s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     s.bind((0, 0))
     for q in (args.winner_queue, args.loser_queue):
@@ -743,36 +740,13 @@ def nat_clash(args) -> None:
         if r:
             for queue, packet in _nfq_packets(s.recv(65536)):
                 held.setdefault(queue, packet)
+    for queue in (args.winner_queue, args.loser_queue):
+        if queue in held:
+            _nfq_accept(s, queue, held[queue])
     if len(held) < 2:
-        for queue, packet in held.items():
-            _nfq_accept(s, queue, packet)
         say(event="error", text="not both SYNs came", held=sorted(held))
         sys.exit(1)
-    go = mmap.mmap(-1, 1)   # shared with the child: 1 once the loser is on its way
-    # both sides real-time, each on its own CPU, for these few milliseconds: no other task
-    # delays the winner's release past the loser's crossing of the slow chain
-    realtime = os.sched_param(os.sched_get_priority_min(os.SCHED_FIFO))
-    child = os.fork()
-    if child == 0:          # the winner's side, on the other CPU: spinning, it waits for no wake-up
-        os.sched_setaffinity(0, {1 % os.cpu_count()})
-        os.sched_setscheduler(0, os.SCHED_FIFO, realtime)
-        while go[0] == 0:
-            pass
-        t = time.monotonic() + args.delay
-        while time.monotonic() < t:
-            pass
-        _nfq_accept(s, args.winner_queue, held[args.winner_queue])
-        os._exit(0)
-    os.sched_setaffinity(0, {0})
-    time.sleep(0.05)        # the child spins by now
-    os.sched_setscheduler(0, os.SCHED_FIFO, realtime)
-    go[0] = 1
-    t0 = time.monotonic()
-    _nfq_accept(s, args.loser_queue, held[args.loser_queue])   # returns once the loser is through
-    loser_s = time.monotonic() - t0
-    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-    os.waitpid(child, 0)
-    say(event="released", loser_s=loser_s)
+    say(event="released")
     s.close()
 
 
@@ -857,7 +831,6 @@ def main(argv=None) -> None:
     q = sub.add_parser("nat-clash")
     q.add_argument("--winner-queue", type=int, required=True)
     q.add_argument("--loser-queue", type=int, required=True)
-    q.add_argument("--delay", type=float, default=0.0003)
     q.add_argument("--wait", type=float, default=10.0)
     args = p.parse_args(argv)
     {"server": serve, "client": client, "connect-many": connect_many, "inject": inject, "peer": peer,
