@@ -19,7 +19,9 @@ from tracer.sinks.console import format_human  # noqa: E402
 
 
 def _retransmitted(f):
-    return f"{len(f['retransmitted'])} clients retransmitted their SYN (insert_failed +{f['insert_failed']})"
+    n = len(f["retransmitted"])
+    return f"{n} client{'s' if n != 1 else ''} retransmitted {'their' if n != 1 else 'its'} SYN " \
+           f"(insert_failed +{f['insert_failed']})"
 
 
 SHOW_PER_CAUSE = 4

@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=$(scripts/setup.sh)
-cleanup() { for ns in $(ip netns list 2>/dev/null | awk '/^rstlab-/{print $1}'); do ip netns del "$ns" 2>/dev/null || true; done; }
-trap cleanup EXIT
+. scripts/lib/lab-run.sh
+trap lab_cleanup EXIT
 "$VENV/bin/python" scripts/demo.py "$@"

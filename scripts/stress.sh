@@ -13,9 +13,10 @@ VENV=$(scripts/setup.sh)
 runs=${1:-20}
 shift || true
 hogs=()
+. scripts/lib/lab-run.sh
 cleanup() {
   for pid in "${hogs[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for ns in $(ip netns list 2>/dev/null | awk '/^rstlab-/{print $1}'); do ip netns del "$ns" 2>/dev/null || true; done
+  lab_cleanup
 }
 trap cleanup EXIT
 if [ "${RST_TRACER_HOG:-1}" != 0 ]; then

@@ -9,9 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=$(scripts/setup.sh)
-# never leave lab namespaces behind, whatever happens to pytest
-cleanup() { for ns in $(ip netns list 2>/dev/null | awk '/^rstlab-/{print $1}'); do ip netns del "$ns" 2>/dev/null || true; done; }
-trap cleanup EXIT
+# never leave this run's lab namespaces behind, whatever happens to pytest
+. scripts/lib/lab-run.sh
+trap lab_cleanup EXIT
 status=0
 "$VENV/bin/python" -m pytest -p no:cacheprovider -ra tests "$@" || status=$?
 if [ $# -eq 0 ] && [ "${RST_TRACER_VM:-1}" != 0 ]; then

@@ -58,7 +58,9 @@ class NatLab:
     # seconds between building the lab and handing it to a scenario: the stress runs vary
     # it (0, 0.1, 1 s) so that namespaces are flushed at varying ages
     settle: float = field(default_factory=lambda: float(os.environ.get("RST_TRACER_LAB_SETTLE") or 0))
-    lab_id: str = field(default_factory=lambda: secrets.token_hex(3))
+    # scripts/lib/lab-run.sh tags the labs of one run (its clean-up removes only those)
+    lab_id: str = field(default_factory=lambda: "-".join(filter(None, (os.environ.get("RST_TRACER_LAB_RUN"),
+                                                                        secrets.token_hex(3)))))
     procs: list = field(default_factory=list)
     _dnat_done: bool = field(default=False, init=False, repr=False)
 
