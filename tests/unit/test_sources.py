@@ -9,6 +9,7 @@ from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from tracer.clock import Clock
 from tracer.decode import KernelNames
 from tracer.events import CT_DESTROY, LINK_DOWN
+from tracer.kallsyms import Kallsyms
 from tracer.sources.netlink import NetlinkMonitor
 from test_context_parsing import IPS_CONFIRMED, IPS_SRC_NAT, destroy_message
 
@@ -103,3 +104,23 @@ def test_kernel_names_follow_modules_loaded_after_start(tmp_path):
     modules.write_text("nf_conntrack 200704 0 - Live 0x0\n")
     names.refresh()
     assert names.resolve_symbol(site) == "nf_hook_slow"
+
+
+def test_kallsyms_finds_whole_text_symbols_by_name(tmp_path):
+    kallsyms = tmp_path / "kallsyms"
+    kallsyms.write_text("ffffffff81000000 T tcp_v4_send_reset\n"
+                        "ffffffff81000100 t tcp_v4_send_reset_extra\n"
+                        "ffffffff81000200 D early_drop_data\n"
+                        "ffffffff81000300 d early_drop\n"                  # data, not text
+                        "ffffffffc0002000 t early_drop\t[nf_conntrack]\n"
+                        "ffffffffc0001000 t early_drop\t[other]\n"          # same static name twice
+                        "ffffffff81000400 W masq_inet_event\n"
+                        "0000000000000000 T hidden_by_kptr_restrict\n")
+    symbols = Kallsyms(str(kallsyms))
+    assert symbols.address("tcp_v4_send_reset") == 0xffffffff81000000
+    assert symbols.address("early_drop") == 0xffffffffc0001000          # the lowest, as before
+    assert symbols.address("masq_inet_event") == 0xffffffff81000400
+    assert "hidden_by_kptr_restrict" in symbols and symbols.address("hidden_by_kptr_restrict") == 0
+    assert "tcp_v4_send" not in symbols and "early_drop_data" not in symbols and "nope" not in symbols
+    assert symbols.resolve(0xffffffff81000150) == "tcp_v4_send_reset_extra"
+    assert symbols.end("tcp_v4_send_reset") == 0xffffffff81000100
