@@ -44,7 +44,11 @@ struct wire_tcp {
 // wire/ABI constants, stable across kernels
 #define PROTO_TCP 6
 #define FAMILY_INET 2
-#define TCP_STATE_LISTEN 10     // include/net/tcp_states.h (stable)
+// include/net/tcp_states.h (stable)
+#define TCP_STATE_SYN_SENT 2
+#define TCP_STATE_SYN_RECV 3
+#define TCP_STATE_CLOSE 7
+#define TCP_STATE_LISTEN 10
 #define FAMILY_INET6 10
 
 // include/uapi/linux/netfilter/nf_conntrack_common.h (stable ABI)
@@ -155,6 +159,11 @@ static __always_inline void event_submit(struct rst_event *e)
 static __always_inline u32 netns_of_net(u64 net)
 {
     return net ? rd32(net + OFF_NET_NS_INUM) : 0;
+}
+
+static __always_inline u32 netns_of_sock(u64 sk)
+{
+    return netns_of_net(rd64(sk + OFF_SOCK_SKC_NET));
 }
 
 static __always_inline int skb_is_tcp(u64 skb)
@@ -274,6 +283,86 @@ static __always_inline void fill_from_sock(struct rst_event *e, u64 sk, int tupl
         e->dport = bpf_ntohs(rd16(sk + OFF_INET_SOCK_INET_SPORT));
 }
 
+// -- the process of a socket -----------------------------------------------------------
+// A RST is handled in softirq context, where the current task is whoever was interrupted:
+// the socket's process is learnt where it is certain instead. connect() moves a socket to
+// SYN_SENT in the caller's context, listen() to LISTEN in the listener's; a handshake's
+// child is cloned from its listener (LISTEN -> SYN_RECV) and takes the listener's process
+// (the one that accepts it, or with a prefork server its parent). Every socket that can
+// reset went through one of these, so an entry left by a freed socket is overwritten before
+// its address is used again. Sockets older than the tracer: user space (tracer/owners.py).
+struct owner {
+    u32 pid;
+    u8 how;                 // OWNER_*
+    char comm[16];
+};
+struct listen_key {
+    u32 netns;
+    u32 port;
+};
+struct listener {
+    u64 sk;                 // the listening socket: only its own close removes the entry
+    struct owner owner;
+};
+BPF_TABLE("lru_hash", u64, struct owner, sock_owners, OWNER_ENTRIES);
+BPF_TABLE("lru_hash", struct listen_key, struct listener, listeners, LISTENER_ENTRIES);
+
+static __always_inline void current_owner(struct owner *o, u8 how)
+{
+    o->pid = bpf_get_current_pid_tgid() >> 32;
+    o->how = how;
+    bpf_get_current_comm(o->comm, sizeof(o->comm));
+}
+
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+{
+    // (const struct sock *sk, const int oldstate, const int newstate): a few per connection,
+    // so the common transitions return after two comparisons
+    u64 sk = ctx->args[0];
+    int old = ctx->args[1], new = ctx->args[2];
+    if (new == TCP_STATE_SYN_SENT) {
+        struct owner o = {};
+        current_owner(&o, OWNER_CONNECT);
+        sock_owners.update(&sk, &o);
+        return 0;
+    }
+    if (new != TCP_STATE_LISTEN && old != TCP_STATE_LISTEN)
+        return 0;
+    struct listen_key key = {.netns = netns_of_sock(sk), .port = rd16(sk + OFF_SOCK_SKC_NUM)};
+    if (new == TCP_STATE_LISTEN) {
+        struct listener l = {.sk = sk};
+        current_owner(&l.owner, OWNER_LISTEN);
+        listeners.update(&key, &l);
+    } else if (new == TCP_STATE_SYN_RECV) {
+        struct listener *l = listeners.lookup(&key);
+        if (l)
+            sock_owners.update(&sk, &l->owner);
+        else
+            sock_owners.delete(&sk);
+    } else if (new == TCP_STATE_CLOSE) {
+        struct listener *l = listeners.lookup(&key);
+        if (l && l->sk == sk)
+            listeners.delete(&key);
+    }
+    return 0;
+}
+
+static __always_inline void fill_owner(struct rst_event *e, u64 sk)
+{
+    struct owner *o = sock_owners.lookup(&sk);
+    if (!o && e->sk_state == TCP_STATE_LISTEN) {
+        struct listen_key key = {.netns = netns_of_sock(sk), .port = rd16(sk + OFF_SOCK_SKC_NUM)};
+        struct listener *l = listeners.lookup(&key);
+        if (l && l->sk == sk)
+            o = &l->owner;
+    }
+    if (!o)
+        return;
+    e->owner_pid = o->pid;
+    e->owner_how = o->how;
+    __builtin_memcpy(e->owner_comm, o->comm, sizeof(e->owner_comm));
+}
+
 // -- handlers both backends attach as they are ------------------------------------------
 // What a probe needs to know of a segment before it chooses a lane.
 struct peek {
@@ -295,11 +384,6 @@ static __always_inline void peek_segment(u64 skb, struct peek *p)
     p->netns = dev ? netns_of_net(rd64(dev + OFF_NET_DEVICE_ND_NET)) : 0;
     u64 ct = rd64(skb + OFF_SKB_NFCT) & ~7ULL;
     p->nat = ct && (rd32(ct + OFF_NF_CONN_STATUS) & (IPS_SRC_NAT | IPS_DST_NAT));
-}
-
-static __always_inline u32 netns_of_sock(u64 sk)
-{
-    return netns_of_net(rd64(sk + OFF_SOCK_SKC_NET));
 }
 
 // A RST this host sends: for the segment skb (sk: the socket that had it, NULL for none), or
@@ -335,8 +419,10 @@ static __always_inline int report_reset_sent(u64 sk, u64 skb, u32 reason, u16 pr
     e->skb = skb;
     if (skb)
         fill_from_skb(e, skb);
-    if (sk)
+    if (sk) {
         fill_from_sock(e, sk, !skb);
+        fill_owner(e, sk);
+    }
     event_submit(e);
     return 0;
 }
@@ -351,6 +437,7 @@ static __always_inline int report_receive_reset(u64 sk, u16 probe)
         return 0;
     e->sk = sk;
     fill_from_sock(e, sk, 1);
+    fill_owner(e, sk);
     event_submit(e);
     return 0;
 }

@@ -16,7 +16,7 @@ from .events import (CT_DESTROY, CT_INVALID, MASQ_NOTIFIER, NAT_BINDING, NETNS_B
                      RST_SENT, SKB_DROPPED, ConntrackEntry, Endpoint, KernelEvent, Tuple)
 from .kallsyms import KALLSYMS, MODULES, Kallsyms
 from . import record
-from .record import PROBE_NAMES, DeleteReason, Kind, Probe
+from .record import PROBE_NAMES, DeleteReason, Kind, Owner, Probe
 
 KINDS = {Kind.RST_SENT: RST_SENT, Kind.RST_RECEIVED: RST_RECEIVED, Kind.SKB_DROPPED: SKB_DROPPED,
          Kind.MASQ_NOTIFIER: MASQ_NOTIFIER, Kind.CT_INVALID: CT_INVALID, Kind.NAT_BINDING: NAT_BINDING,
@@ -27,6 +27,7 @@ PROBES = {RST_SENT: "tcp:tcp_send_reset", RST_RECEIVED: "tcp:tcp_receive_reset",
 MASQ_NOTIFIER_PROBES = {Probe.MASQ_INET: "masq_inet_event", Probe.MASQ_INET6: "masq_inet6_event",
                         Probe.MASQ_DEVICE: "masq_device_event"}
 DELETE_REASONS = {int(d): d.name.lower() for d in DeleteReason}
+OWNER_HOWS = {int(o): o.name.lower() for o in Owner}
 _CONVERSION = re.compile(r"%[-+ #0]*\d*(?:\.\d+)?(?:hh|h|ll|l|z)?([a-zA-Z%])")
 # include/net/tcp_states.h: stable since 2.6
 TCP_STATES = ("", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT",
@@ -168,6 +169,8 @@ def decode(raw: bytes, names: KernelNames) -> KernelEvent:
         notifier=notifier,
         pid=r.pid,
         comm=_cstr(r.comm),
+        owner=({"pid": r.owner_pid, "comm": _cstr(r.owner_comm), "how": OWNER_HOWS[r.owner_how]}
+               if r.owner_how in OWNER_HOWS else {}),
         **extra,
     )
 

@@ -204,10 +204,11 @@ class Enricher:
     """Adds the context each event needs to its KernelEvent.context, nothing more: counters
     only where a conntrack cause is possible, cross-namespace lookups rate-limited."""
 
-    def __init__(self, namespaces: Namespaces, workloads=None):
+    def __init__(self, namespaces: Namespaces, workloads=None, owners=None):
         self.ns = namespaces
         self.handles = NetnsHandles(namespaces)
         self.workloads = workloads        # tracer.workloads.Resolver, or None: names nothing
+        self.owners = owners              # tracer.owners.SocketSnapshot: sockets older than the tracer
         self._elsewhere_budget = (0, 0)   # (second, lookups done in it)
         self._ports = TimedCache(ttl=1.0)  # a flush deletes thousands of entries for one port
 
@@ -268,7 +269,23 @@ class Enricher:
             ctx.firewall[inode] = self.handles.firewall(inode)
         if self.workloads is not None:
             ctx.workloads = self._workloads(ev)
+        if ev.has_sock and ev.flow is not None:
+            ctx.socket_owner = ev.owner or self._owner_at_start(ev)
         return ev
+
+    def probes_attached(self) -> None:
+        """From now on the kernel side names the process of every new socket: look at the
+        ones that already exist, in every namespace known by now."""
+        if self.owners is not None:
+            self.owners.take({inode: self.ns.fd(inode) for inode in self.ns.known()})
+
+    def _owner_at_start(self, ev: KernelEvent) -> dict:
+        """A socket the kernel side saw no connect() or listen() of: older than the tracer.
+        Its flow is oriented peer > us (KernelEvent.flow)."""
+        if self.owners is None:
+            return {}
+        local, remote = ev.flow.dst, ev.flow.src
+        return self.owners.owner(ev.netns, (local.addr, local.port), (remote.addr, remote.port)) or {}
 
     def _workloads(self, ev: KernelEvent) -> list:
         """What lives in the event's namespace, in the routers it names, and behind every

@@ -126,6 +126,9 @@ class Context:
     # what lives in the namespaces and behind the addresses this event names (tracer/workloads.py):
     # [{"netns", "netns_name", "addrs", "containers": [...], "pod"}], only those with a container or pod
     workloads: list = field(default_factory=list)
+    # the process of the event's socket: the kernel side's (KernelEvent.owner) or, for a
+    # socket older than the tracer, who held it at start (tracer/owners.py); {} when unknown
+    socket_owner: dict = field(default_factory=dict)
     # the firewall of the namespaces a remedy may address: {netns: {"docker", "kube_proxy", "nft",
     # "rules", "random_fully", "fixes"}} (enrich.read_firewall)
     firewall: dict = field(default_factory=dict)
@@ -179,8 +182,11 @@ class KernelEvent:
     reason_code: int = 0
     location: str = ""           # kfree_skb call site symbol
     probe: str = ""              # e.g. tcp:tcp_send_reset
-    pid: int = 0
+    pid: int = 0                 # the task current when the probe ran (often softirq: anyone)
     comm: str = ""
+    # the process of the event's socket as the kernel side learnt it: {pid, comm, how}
+    # (how: "connect" | "listen"), {} when it could not tell
+    owner: dict = field(default_factory=dict)
     skb_ct: Optional[ConntrackEntry] = None   # the packet's own conntrack entry (from the skb)
     notifier: str = ""           # masq_notifier: which notifier ran (masq_inet_event, ...)
     entry: Optional[ConntrackEntry] = None    # ct_destroy: the entry that went away

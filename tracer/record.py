@@ -85,6 +85,12 @@ class DropFilter(IntEnum):
     UNCONFIRMED_NAT_SYN = 3
 
 
+class Owner(IntEnum):
+    """How the kernel side knows the process of an event's socket (struct rst_event.owner_how)."""
+    CONNECT = 1   # the process that called connect() on it
+    LISTEN = 2    # the process that listens on its port (accepted sockets; the listener itself)
+
+
 CLASS_CAUSES = {Class.NO_LISTENER: "no_listener", Class.TIMEWAIT: "timewait", Class.SOCKET_RESET: "socket_reset",
                 Class.PEER_RESET: "peer_reset", Class.LISTEN_OVERFLOW: "listen_overflow"}
 
@@ -140,13 +146,17 @@ FIELDS = (
     ("accept_queue_max", "u16", 0, "listener: sk_max_ack_backlog"),
     ("inv_flags", "u8", 0, "ct_invalid: bit 0 = inv_str holds the first argument as a string"),
     ("probes_out", "u8", 0, "socket-only resets: icsk_probes_out (unanswered keepalive probes)"),
-    ("reserved", "u8", 6, ""),
+    ("owner_how", "u8", 0, "OWNER_*: how owner_pid/owner_comm are known; 0: not known"),
+    ("reserved", "u8", 5, ""),
     ("inv_value", "u64", 2, "ct_invalid: the message's first two arguments (%u values)"),
     ("ct_window", "u32", 8, "ct_invalid: td_end, td_maxend, td_maxwin, td_scale; orig then reply"),
     ("detail_addr", "u8", 16, ""),
     ("detail_ifname", "char", 16, ""),
     ("inv_str", "char", 16, ""),
     ("inv_msg", "char", 80, "ct_invalid: the message (template) conntrack logged"),
+    ("owner_pid", "u32", 0, "the socket's process (tgid): see owner_how"),
+    ("owner_comm", "char", 16, ""),
+    ("reserved_tail", "u8", 4, ""),
 )
 
 _SIZES = {"u64": 8, "u32": 4, "u16": 2, "u8": 1, "char": 1}
@@ -235,12 +245,13 @@ def c_header() -> str:
 
 
 def c_defines() -> dict:
-    """KIND_*, PROBE_*, DEL_*, CLASS_* and DROP_* for the compiler."""
+    """KIND_*, PROBE_*, DEL_*, CLASS_*, DROP_* and OWNER_* for the compiler."""
     out = {f"KIND_{k.name}": int(k) for k in Kind}
     out.update({f"PROBE_{p.name}": int(p) for p in Probe})
     out.update({f"DEL_{d.name}": int(d) for d in DeleteReason})
     out.update({f"CLASS_{c.name}": int(c) for c in Class})
     out.update({f"DROP_{d.name}": int(d) for d in DropFilter})
+    out.update({f"OWNER_{o.name}": int(o) for o in Owner})
     out["CLASS_COUNT"] = max(Class) + 1
     out["RST_EVENT_SIZE"] = SIZE
     return out

@@ -57,6 +57,8 @@ class Verdict:
     kernel: dict
     related: Optional[dict] = None
     process: Optional[dict] = None
+    # the process of the event's socket: {pid, comm, how} (tracer/owners.py, bpf/common.h)
+    socket_owner: Optional[dict] = None
     # containers and pods of the verdict's endpoints: {role: {netns, netns_name, containers, pod[, addr]}}
     workloads: Optional[dict] = None
     # a correction: the record this one replaces, its cause, and the late fact that changed it
@@ -76,7 +78,8 @@ class Verdict:
                 "evidence": [{"key": e.key, "text": e.text, "value": e.value} for e in self.evidence],
                 "remedy": {"text": self.remedy.text, "commands": list(self.remedy.commands)},
                 "backend": self.backend, "kernel": self.kernel, "related": self.related,
-                "process": self.process, "workloads": self.workloads, "ts_unix": self.ts}
+                "process": self.process, "socket_owner": self.socket_owner, "workloads": self.workloads,
+                "ts_unix": self.ts}
         if self.supersedes:
             d.update(type="correction", supersedes=self.supersedes, superseded_cause=self.superseded_cause,
                      correction=self.correction)

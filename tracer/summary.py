@@ -1,5 +1,6 @@
-"""Counts of verdicts by cause and namespace, and by workload (pod or container), over a
-run, with losses: what `summary` prints and what `watch` reports when it detaches."""
+"""Counts of verdicts by cause and namespace, and by workload (pod, container, or the
+process of the reset socket), over a run, with losses: what `summary` prints and what
+`watch` reports when it detaches."""
 from __future__ import annotations
 
 import json
@@ -22,7 +23,8 @@ class Summary:
     def __init__(self):
         self.by_cause_netns: dict = defaultdict(Counter)
         self.by_direction: Counter = Counter()
-        self.by_workload: dict = defaultdict(Counter)   # 'pod ns/name' | 'container name' -> cause -> n
+        # 'pod ns/name' | 'container name' | 'process comm' -> cause -> n
+        self.by_workload: dict = defaultdict(Counter)
         self.lost: Counter = Counter()
         self.verdicts = 0
         self.corrections: Counter = Counter()    # (superseded cause, cause) -> n
@@ -34,8 +36,12 @@ class Summary:
             cause, direction = sys.intern(record["cause"]), record["direction"]   # all before counting
             was = record["superseded_cause"] if kind == "correction" else None
             ns = sys.intern(record.get("netns_name") or str(record.get("netns")))
-            # each workload an endpoint names, once per verdict
-            workloads = tuple(sorted({describe(w) for w in (record.get("workloads") or {}).values()} - {""}))
+            # each workload an endpoint names, and the socket's process (by name: pids come
+            # and go), once per verdict
+            named = {describe(w) for w in (record.get("workloads") or {}).values()}
+            if record.get("socket_owner"):
+                named.add(f"process {record['socket_owner']['comm']}")
+            workloads = tuple(sorted(named - {""}))
             before = self._counted.superseded(record)
             self._counted.remember(record, (cause, ns, workloads))
             if before is not None:

@@ -30,6 +30,7 @@ from .decode import KernelNames
 from .enrich import Enricher
 from .events import NETNS_BORN
 from .filters import VerdictFilter
+from .owners import SocketSnapshot
 from .recording import Recorder
 from .schema import loss_record, status_record
 from .sources.namespaces import Namespaces
@@ -90,7 +91,7 @@ class Watch:
         # the recording carries the verdict id prefix so replay reproduces the ids too
         recorder = Recorder(record_path, backend.name, attributor.id_prefix) if record_path else None
         return cls(backend, RingBuffer(backend, names), namespaces, NetlinkMonitor(clock),
-                   Enricher(namespaces, workloads), attributor, sinks, vfilter, recorder, host,
+                   Enricher(namespaces, workloads, SocketSnapshot()), attributor, sinks, vfilter, recorder, host,
                    refresh=(backend.refresh, names.refresh))
 
     # -- one iteration -----------------------------------------------------------------
@@ -195,6 +196,7 @@ class Watch:
         # born while the programs compiled, before the kernel side could report them
         self.namespaces.walk()
         self.follow_namespaces()
+        self.enricher.probes_attached()
 
     def run(self, duration: float = 0.0) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):

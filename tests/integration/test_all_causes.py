@@ -305,6 +305,43 @@ def test_app_abort_each_side_named_with_its_reason():
         assert len(run.causes("peer_reset")) == 2
 
 
+def test_each_reset_socket_is_named_by_its_process():
+    """The kernel side learns a socket's process where it is certain — connect() in the
+    caller, a handshake's child from its listener — not from whoever softirq interrupted."""
+    with traced("app-abort", wire=False) as run:
+        for case in run.facts["cases"]:
+            port = case["inside"]["dport"]
+            sender = case["expected_sender"]
+            mine = [v for v in run.verdicts if port in (v["flow"]["sport"], v["flow"]["dport"])
+                    and v["cause"] in ("app_abort", "peer_reset")]
+            owners = {(v["cause"], v["netns"]): v["socket_owner"] for v in mine}
+            how = {"cli": "connect", "srv": "listen"}
+            comm = {"cli": "lab-client", "srv": "lab-server"}
+            for cause, side in (("app_abort", sender), ("peer_reset", case["peer"])):
+                assert owners[(cause, run.facts["netns"][side])] == \
+                    {"pid": case["pids"][side], "comm": comm[side], "how": how[side]}, (case["kind"], owners)
+
+
+def test_sockets_older_than_the_tracer_are_named_by_who_held_them():
+    """A connection made before the tracer started (incident 4's idle Redis connection): no
+    connect() for the kernel side to see; the look at /proc right after attaching names it."""
+    with NatLab() as lab:
+        port = scenarios.APP_ABORT_PORTS[0]
+        client, server, _, _ = scenarios.idle_connection(lab, port)
+        pids = scenarios._pids(client, server)
+        inodes = {lab.netns_inode(ns) for ns in lab.namespaces}
+        with TracerProcess() as tracer:
+            since = server.mark()
+            client.cmd("abort", "closed")
+            server.wait("error", 3, since)
+            records = tracer.stop()
+    verdicts, _ = effective_verdicts(records, inodes)
+    owners = {v["cause"]: v["socket_owner"] for v in verdicts
+              if port in (v["flow"]["sport"], v["flow"]["dport"])}
+    assert owners == {"app_abort": {"pid": pids["cli"], "comm": "lab-client", "how": "open_at_start"},
+                      "peer_reset": {"pid": pids["srv"], "comm": "lab-server", "how": "open_at_start"}}
+
+
 def test_keepalive_timeout_is_named_on_the_client():
     with traced("keepalive-timeout") as run:
         run.assert_wire_covered()

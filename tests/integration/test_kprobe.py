@@ -258,10 +258,18 @@ def test_app_abort_resets_come_from_tcp_send_active_reset(tracer):
     with NatLab() as lab:
         outcome = run_scenario("app-abort", lab)
         verdicts = lab_verdicts(tracer, lab)
+        sides = {lab.netns_inode(ns): side for side, ns in (("cli", lab.cli), ("srv", lab.srv))}
     aborts = [v for v in verdicts if v["cause"] == "app_abort"]
     assert len(aborts) >= len(outcome.facts["cases"]), [v["cause"] for v in verdicts]
     assert {v["kernel"]["probe"] for v in aborts} == {"kprobe:tcp_send_active_reset"}
     assert not [v for v in verdicts if v["cause"] == "unexplained"]
+    # each aborting socket named by its process, as on the tracepoint backend
+    for case in outcome.facts["cases"]:
+        port, side = case["inside"]["dport"], case["expected_sender"]
+        mine = [v for v in aborts if port in (v["flow"]["sport"], v["flow"]["dport"])]
+        assert mine and {sides[v["netns"]] for v in mine} == {side}
+        assert {(v["socket_owner"]["pid"], v["socket_owner"]["how"]) for v in mine} == \
+            {(case["pids"][side], {"cli": "connect", "srv": "listen"}[side])}
 
 
 @pytest.mark.parametrize("name,cause,probe", [

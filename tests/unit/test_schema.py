@@ -31,7 +31,7 @@ def test_documented_fields_are_all_there():
     assert set(sample().to_dict()) == {
         "type", "schema_version", "id", "ts", "ts_unix", "host", "netns", "netns_name", "interface",
         "direction", "flow", "packet", "nat", "cause", "summary", "confidence", "evidence", "remedy",
-        "backend", "kernel", "related", "process", "workloads"}
+        "backend", "kernel", "related", "process", "socket_owner", "workloads"}
 
 
 @pytest.mark.parametrize("change", [{"schema_version": 2}, {"type": "loss"}, {"direction": "up"},

@@ -141,6 +141,7 @@ class Attributor:
             evidence=f.evidence, remedy=f.remedy, backend=self.backend, kernel=kernel,
             related=({"id": f.related["id"], "cause": f.related["cause"]} if f.related else None),
             process={"pid": ev.pid, "comm": ev.comm} if ev.pid else None,
+            socket_owner=dict(ev.context.socket_owner) if ev.context.socket_owner else None,
             workloads=self._workloads(ev, f),
         )
         if supersedes is not None:

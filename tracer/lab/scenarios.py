@@ -272,6 +272,11 @@ def idle_connection(lab: NatLab, port: int = SERVER_PORT):
     return client, server, inside, outside
 
 
+def _pids(client: Follow, server: Follow) -> dict:
+    """The processes of an idle_connection's two sockets, as they reported themselves."""
+    return {"cli": client.find("connected")["pid"], "srv": server.find("listening")["pid"]}
+
+
 def _readdress(lab: NatLab) -> dict:
     """What a DHCP client or a keepalived failover does to the router's outside interface:
     the address MASQUERADE uses is removed, then added back."""
@@ -826,7 +831,7 @@ def app_abort(lab: NatLab) -> Outcome:
         err = client.wait("error", 3, since)
         cases.append({"kind": "unread_data", "inside": inside, "outside": outside, "expected_sender": "srv",
                       "unread": closed["unread"], "closed_at": closed["ts"], "peer_after": err.get("errno"),
-                      "peer": "cli"})
+                      "peer": "cli", "pids": _pids(client, server)})
         # (b) SO_LINGER {on, 0}: the client's stack sends the RST
         port = APP_ABORT_PORTS[1]
         client, server, inside, outside = idle_connection(lab, port)
@@ -835,7 +840,7 @@ def app_abort(lab: NatLab) -> Outcome:
         err = server.wait("error", 3, since)
         cases.append({"kind": "linger_zero", "inside": inside, "outside": outside, "expected_sender": "cli",
                       "unread": closed["unread"], "closed_at": closed["ts"], "peer_after": err.get("errno"),
-                      "peer": "srv"})
+                      "peer": "srv", "pids": _pids(client, server)})
     rsts = sn.rsts()
     for c in cases:
         port = c["inside"]["dport"]

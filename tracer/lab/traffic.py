@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import select
 import socket
 import struct
@@ -25,6 +26,12 @@ def say(**fields) -> None:
     with _say_lock:  # one write per line: threads must not interleave their lines
         sys.stdout.write(line)
         sys.stdout.flush()
+
+
+def name_process(name: bytes) -> None:
+    """prctl(PR_SET_NAME): what /proc/PID/comm and the kernel's current->comm show."""
+    import ctypes
+    ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)
 
 
 def family_of(addr: str) -> int:
@@ -265,6 +272,9 @@ def peer(args) -> None:
     import fcntl
     import termios
     fam = family_of(args.addr)
+    # a process name of its own, as a real server or client has: the tracer names the
+    # process of a reset socket (tests compare with the pid reported here)
+    name_process(b"lab-server" if args.listen else b"lab-client")
     if args.listen:
         ls = socket.socket(fam, socket.SOCK_STREAM)
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -272,7 +282,7 @@ def peer(args) -> None:
         if args.defer_accept:   # handshakes complete only when data arrives
             ls.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, args.defer_accept)
         ls.listen(args.backlog)
-        say(event="listening", addr=args.addr, port=args.port)
+        say(event="listening", addr=args.addr, port=args.port, pid=os.getpid())
         s, _ = ls.accept()  # the listener stays open: later strays meet a listener
         say(event="accepted", local=_endpoint(s.getsockname()), peer=_endpoint(s.getpeername()))
     else:
@@ -288,7 +298,7 @@ def peer(args) -> None:
                 errno=_errname(e.errno) if e.errno else "timeout", latency=time.monotonic() - t0)
             return
         say(event="connected", local=_endpoint(s.getsockname()), peer=_endpoint(s.getpeername()),
-            latency=time.monotonic() - t0)
+            latency=time.monotonic() - t0, pid=os.getpid())
     s.settimeout(None)
     mon = _Monitor(s)
     mon.start()

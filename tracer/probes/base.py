@@ -16,8 +16,9 @@ from .loader import compile_program, kernel_defines, release_compiler_memory
 # other drop is filtered in the kernel
 WANTED_DROP_REASONS = {"NETFILTER_DROP": DropFilter.ROOT_CAUSE, "TCP_LISTEN_OVERFLOW": DropFilter.ORDINARY,
                        "NOT_SPECIFIED": DropFilter.UNCONFIRMED_NAT_SYN}
-# bpf/common.h, auto-attached by BCC on both backends: namespaces as they are born
-NETNS_PROBES = ["task:task_newtask", "sched:sched_process_exec"]
+# bpf/common.h, auto-attached by BCC on both backends: namespaces as they are born, and
+# the process of each socket
+COMMON_PROBES = ["task:task_newtask", "sched:sched_process_exec", "sock:inet_sock_set_state"]
 
 
 class Backend:

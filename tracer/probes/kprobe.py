@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 
 from ..kallsyms import Kallsyms, loaded_modules
-from .base import NETNS_PROBES, WANTED_DROP_REASONS, Backend
+from .base import COMMON_PROBES, WANTED_DROP_REASONS, Backend
 from .btf import BTF, BTFError
 from .capabilities import Capabilities, _kernel_config
 from .loader import LoadError, kernel_defines
@@ -331,7 +331,7 @@ class KprobeBackend(Backend):
 
     def probes(self) -> list:
         """Names of the attached probes."""
-        return [p.name for p in self._probes if p.attached] + NETNS_PROBES
+        return [p.name for p in self._probes if p.attached] + COMMON_PROBES
 
     def probe_report(self) -> list:
         """Every probe this kernel was considered for: {probe, attached, why}."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 
 from ..kallsyms import Kallsyms
-from .base import NETNS_PROBES, Backend
+from .base import COMMON_PROBES, Backend
 
 # the masquerade notifiers whose runs flush conntrack entries (index = BPF array slot)
 MASQ_NOTIFIERS = ("masq_inet_event", "masq_inet6_event", "masq_device_event")
@@ -36,4 +36,4 @@ class TracepointBackend(Backend):
 
     def probes(self) -> list:
         return ["tcp:tcp_send_reset", "tcp:tcp_receive_reset", "skb:kfree_skb",
-                "notifier:notifier_run"] + NETNS_PROBES
+                "notifier:notifier_run"] + COMMON_PROBES

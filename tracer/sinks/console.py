@@ -35,6 +35,9 @@ def format_human(record: dict, verbose: bool = False) -> str:
     where = describe(roles.get("local")) or record.get("netns_name") or str(record.get("netns"))
     if record.get("interface"):
         where += f"/{record['interface']}"
+    owner = record.get("socket_owner")
+    if owner:
+        where += f" {owner['comm']}[{owner['pid']}]"
     line = record["ts"][11:23]
     if kind == "correction":   # same event time as the line it replaces
         line += f" correction of {record['supersedes']} (was {record['superseded_cause']}):"
