@@ -65,14 +65,15 @@ struct wire_tcp {
 // deletions, netfilter drops, resets of segments no connection owns or of NATed flows, new
 // namespaces): never shed, and drained first. `ordinary` carries the ordinary resets and
 // drops (closed ports, application aborts, resets received, listen overflows): in a storm
-// user space stops taking them one by one (lanes[0] = 1) and they are only counted, per
-// namespace, class and local port, in `shed` — as they are when that ring is full — so the
-// totals stay exact whatever is shed.
+// in a namespace user space stops taking that namespace's one by one (`storming`) and they
+// are only counted, per namespace, class and local port, in `shed` — as they are when that
+// ring is full — so the totals stay exact whatever is shed. Per namespace: a port scan of
+// one container leaves every other namespace's resets explained one by one.
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_RINGBUF_OUTPUT(ordinary, ORDINARY_RINGBUF_PAGES);
 // Root-cause events that found their ring full: read by user space and reported in-band.
 BPF_PERCPU_ARRAY(lost_events, u64, 1);
-BPF_ARRAY(lanes, u32, 1);
+BPF_HASH(storming, u32, u8, STORMING_ENTRIES);
 struct shed_key {
     u32 netns;
     u16 klass;      // CLASS_*
@@ -137,10 +138,8 @@ static __always_inline void count_shed(u32 netns, u16 klass, u16 port)
 // the ordinary lane: NULL when the event is shed (a storm, or the ring is full), counted
 static __always_inline struct rst_event *ordinary_reserve(u32 kind, u16 probe, u32 netns, u16 klass, u16 port)
 {
-    u32 zero = 0;
-    u32 *storm = lanes.lookup(&zero);
     struct rst_event *e = 0;
-    if (!storm || !*storm)
+    if (!storming.lookup(&netns))
         e = ordinary.ringbuf_reserve(sizeof(struct rst_event));
     if (!e) {
         count_shed(netns, klass, port);

@@ -102,7 +102,7 @@ class Watch:
                 self.namespaces.born(ev.netns, ev.pid)
         self.namespaces.poll()
         self.follow_namespaces()
-        self.storm.taken(len(ordinary))
+        self.storm.taken(ev.netns for ev in ordinary)
         for ev in order_batch(cause, ordinary, self.monitor.read()):
             self._enrich(ev)
             self.attribute(ev)

@@ -14,15 +14,15 @@ def tracer():
     t.stop()
 
 
-# -- stress mode (scripts/stress.sh): the flush, expiry and SNAT race tests, N times each, with the lab's
+# -- stress mode (scripts/stress.sh): the tests marked as load-sensitive, N times each, with the lab's
 # namespaces handed to the scenario 0, 0.1 or 1 s after they were created
+STRESSED_MARKERS = ("flush", "race", "storm")
 STRESS_RUNS = int(os.environ.get("RST_TRACER_STRESS_RUNS") or 0)
 SETTLE_DELAYS = (0.0, 0.1, 1.0)
 
 
 def pytest_generate_tests(metafunc):
-    if STRESS_RUNS and (metafunc.definition.get_closest_marker("flush")
-                        or metafunc.definition.get_closest_marker("race")):
+    if STRESS_RUNS and any(metafunc.definition.get_closest_marker(m) for m in STRESSED_MARKERS):
         metafunc.fixturenames.append("stress_run")
         metafunc.parametrize("stress_run", range(1, STRESS_RUNS + 1),
                              ids=lambda n: f"run{n}-settle{SETTLE_DELAYS[(n - 1) % len(SETTLE_DELAYS)]}")

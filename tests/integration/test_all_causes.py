@@ -108,6 +108,35 @@ def test_ten_thousand_ordinary_resets_are_counted_exactly_and_raise_no_conntrack
         assert not run.causes("unexplained")
 
 
+@pytest.mark.storm
+def test_a_storm_in_one_namespace_leaves_another_explained_one_by_one():
+    """A flood of refused connections in one lab (past the storm threshold: its ordinary
+    resets are counted in the kernel) while another lab's applications abort: the second
+    lab's resets still get one verdict each."""
+    with TracerProcess() as tracer, NatLab() as flooded, NatLab() as quiet:
+        flood = scenarios.follow(flooded, flooded.cli, ["connect-many", "--addr", scenarios.SRV_ADDR, "--port",
+                                                        str(scenarios.CLOSED_PORT), "--count", "100000000"])
+        try:
+            storming = flooded.netns_inode(flooded.srv)
+            tracer.wait_for(lambda r: r.get("state") == "storm" and r["netns"] == storming, 30)
+            with Capture(quiet.capture_points()) as cap:
+                outcome = scenarios.app_abort(quiet)
+            after = tracer.mark()   # the flood is still being shed once the other lab is done
+            still = tracer.wait_for(lambda r: r.get("type") == "aggregate" and r["netns"] == storming, 5, after)
+        finally:
+            flood.stop()
+        inodes = {quiet.netns_inode(ns) for ns in quiet.namespaces}
+        flooded_inodes = {flooded.netns_inode(ns) for ns in flooded.namespaces}
+        records = tracer.stop()
+    assert still["why"] == "storm"
+    run = Run(outcome, records, cap.packets(), inodes, {}, tracer.stderr)
+    run.assert_wire_covered()
+    assert {v["cause"] for v in run.verdicts} == {"app_abort", "peer_reset"} and len(run.verdicts) == 4
+    assert not [r for r in records if r.get("type") == "aggregate" and r["netns"] in inodes]
+    # the server refusing, the client receiving the refusals: both storm; nothing else does
+    assert storming in {r["netns"] for r in records if r.get("state") == "storm"} <= flooded_inodes
+
+
 def test_summary_agrees_with_the_verdicts(tmp_path):
     with traced("invalid-window", wire=False) as run:
         out = tmp_path / "run.jsonl"

@@ -1,5 +1,6 @@
 """Storm handling without a kernel: the shed counts a backend reports become aggregate
-records (deltas, exact), shedding starts above the threshold and ends after a quiet spell."""
+records (deltas, exact), shedding starts above the threshold and ends after a quiet spell,
+in the storming namespace only."""
 from tracer import storm
 from tracer.record import Class
 
@@ -11,17 +12,19 @@ class CountingBackend:
     def shed_counts(self):
         return dict(self.counts)
 
-    def shed_ordinary(self, on):
-        self.shedding.append(on)
+    def shed_ordinary(self, netns, on):
+        self.shedding.append((netns, on))
 
 
 def test_a_storm_is_shed_counted_exactly_and_ends():
     backend = CountingBackend()
     s = storm.Storm(backend, "h", lambda netns: f"ns{netns}")
     t = s._last
-    s.taken(storm.STORM_ENTER_PER_S + 1)            # a second of per-event resets, past the threshold
+    s.taken([7] * (storm.STORM_ENTER_PER_S + 1))    # a second of per-event resets, past the threshold
+    s.taken([8] * 100)                              # another namespace, quiet
     records = s.tick(t + 1.0)
-    assert [r["state"] for r in records] == ["storm"] and backend.shedding == [True]
+    assert [(r["state"], r["netns"], r["netns_name"]) for r in records] == [("storm", 7, "ns7")]
+    assert backend.shedding == [(7, True)]
     totals = {}
     for second in range(2, 5):                      # the kernel counts, user space reports deltas
         backend.counts[(7, Class.NO_LISTENER, 9)] = 5000 * (second - 1)
@@ -34,8 +37,8 @@ def test_a_storm_is_shed_counted_exactly_and_ends():
     ends = []
     for second in range(5, 5 + storm.STORM_EXIT_S + 2):
         ends += [r for r in s.tick(t + second) if r["type"] == "status"]
-    assert [r["state"] for r in ends] == ["storm_end"] and ends[0]["shed_total"] == 15030
-    assert backend.shedding == [True, False] and not s.active
+    assert [(r["state"], r["netns"]) for r in ends] == [("storm_end", 7)] and ends[0]["shed_total"] == 15030
+    assert backend.shedding == [(7, True), (7, False)] and not s.active
 
 
 def test_events_the_ring_had_no_room_for_are_aggregated_outside_a_storm_too():
@@ -45,3 +48,22 @@ def test_events_the_ring_had_no_room_for_are_aggregated_outside_a_storm_too():
     (r,) = s.tick(s._last + 1.0)
     assert (r["cause"], r["port"], r["count"], r["why"]) == ("socket_reset", 443, 3, "ring_full")
     assert s.tick(s._last + 1.0) == [] and backend.shedding == []
+
+
+def test_a_storm_in_one_namespace_leaves_the_others_alone():
+    """A port scan of one namespace; another's own resets stay per-event, and each
+    namespace's storm begins and ends on its own rate."""
+    backend = CountingBackend()
+    s = storm.Storm(backend, "h", str)
+    t = s._last
+    backend.counts[(7, Class.NO_LISTENER, 22)] = 50000
+    s.taken([8] * (storm.STORM_EXIT_PER_S + 1))
+    records = s.tick(t + 1.0)
+    assert [(r["state"], r["netns"]) for r in records if r["type"] == "status"] == [("storm", 7)]
+    assert backend.shedding == [(7, True)]
+    # 8 stays between the rates: never a storm, and 7's storm does not keep 8 shed
+    for second in range(2, 6):
+        s.taken([8] * (storm.STORM_ENTER_PER_S - 1))
+        backend.counts[(7, Class.NO_LISTENER, 22)] += 50000
+        assert [r for r in s.tick(t + second) if r["type"] == "status"] == []
+    assert backend.shedding == [(7, True)] and set(s.storming) == {7}

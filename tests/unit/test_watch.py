@@ -65,7 +65,7 @@ class ListSink:
 
 def make_watch(ring_batches, monitor_batches):
     ring, monitor = ScriptedSource(ring_batches), ScriptedSource(monitor_batches)
-    backend = types.SimpleNamespace(known=[], name="tracepoint", shed_counts=dict, shed_ordinary=lambda on: None)
+    backend = types.SimpleNamespace(known=[], name="tracepoint", shed_counts=dict, shed_ordinary=lambda netns, on: None)
     backend.mark_netns_known = backend.known.extend
     enricher = types.SimpleNamespace(enrich=lambda ev: ev,   # recorded events carry their context
                                      namespaces_changed=lambda added, removed: None)

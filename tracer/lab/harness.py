@@ -104,6 +104,25 @@ class TracerProcess:
         self.proc = None
         return self.records
 
+    def mark(self) -> int:
+        """Where the output is now: wait_for(since=mark()) looks only at what comes after."""
+        return len(self._out)
+
+    def wait_for(self, pred, timeout: float, since: int = 0) -> dict:
+        """The first record printed (after line `since`), by now or within `timeout` s, for
+        which pred() is true."""
+        deadline = time.monotonic() + timeout
+        seen = since
+        while True:
+            lines = self._out[:]    # appended by the reader thread
+            for line in lines[seen:]:
+                if line.strip() and pred(json.loads(line)):
+                    return json.loads(line)
+            seen = len(lines)
+            if time.monotonic() >= deadline or self.proc.poll() is not None:
+                raise LabError(f"the tracer printed no such record within {timeout}s")
+            time.sleep(0.05)
+
     def verdicts(self, cause: str = "") -> list:
         """Effective verdicts (corrections applied)."""
         return [r for r in effective_verdicts(self.records)[0] if not cause or r["cause"] == cause]

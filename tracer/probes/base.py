@@ -102,9 +102,17 @@ class Backend:
         """Events the kernel could not queue (ring buffer full), since attach."""
         return sum(int(v) for v in self.bpf["lost_events"][ctypes.c_int(0)]) if self.bpf else 0
 
-    def shed_ordinary(self, on: bool) -> None:
-        """Storm: the kernel counts ordinary events instead of sending them one by one."""
-        self.bpf["lanes"][ctypes.c_int(0)] = ctypes.c_uint32(int(on))
+    def shed_ordinary(self, netns: int, on: bool) -> None:
+        """A storm in namespace `netns`: the kernel counts its ordinary events instead of
+        sending them one by one (on), or sends them again (off)."""
+        table, key = self.bpf["storming"], ctypes.c_uint32(netns)
+        if on:
+            try:
+                table[key] = ctypes.c_uint8(1)
+            except Exception:  # noqa: BLE001 — BCC's bare Exception: the table is full
+                return         # (STORMING_ENTRIES): this one is taken one by one, or counted when the ring is full
+        elif key in table:
+            del table[key]
 
     def shed_counts(self) -> dict:
         """Ordinary events shed since attach: {(netns, class, port): count}; port 0 holds

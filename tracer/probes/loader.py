@@ -74,6 +74,7 @@ SIZES = {"SIZEOF_TUPLE_HASH": "nf_conntrack_tuple_hash"}
 RINGBUF_PAGES = 512          # root-cause lane, 2 MiB: ~5k records of slack before one is lost
 ORDINARY_RINGBUF_PAGES = 512  # ordinary lane: what does not fit is counted (shed), not lost
 SHED_ENTRIES = 4096          # (netns, class, port) counters of shed ordinary events
+STORMING_ENTRIES = 1024      # namespaces in a storm at once (more: the rest are not shed)
 # the process of each socket (bpf/common.h): LRU, ~80 bytes of kernel memory an entry (5 MiB);
 # past this many live connections the oldest sockets' processes are forgotten
 OWNER_ENTRIES = 65536
@@ -95,6 +96,7 @@ def kernel_defines(btf: BTF) -> dict:
     defines["RINGBUF_PAGES"] = RINGBUF_PAGES
     defines["ORDINARY_RINGBUF_PAGES"] = ORDINARY_RINGBUF_PAGES
     defines["SHED_ENTRIES"] = SHED_ENTRIES
+    defines["STORMING_ENTRIES"] = STORMING_ENTRIES
     defines["OWNER_ENTRIES"] = OWNER_ENTRIES
     defines["LISTENER_ENTRIES"] = LISTENER_ENTRIES
     defines.update(record.c_defines())
