@@ -366,6 +366,7 @@ static __always_inline void fill_owner(struct rst_event *e, u64 sk)
 // What a probe needs to know of a segment before it chooses a lane.
 struct peek {
     u32 netns;
+    u32 ct_status;  // its conntrack entry's status, 0 without one
     u16 dport;      // the local port, for a segment that arrived
     u8 flags;
     u8 nat;         // its conntrack entry is NATed
@@ -382,7 +383,8 @@ static __always_inline void peek_segment(u64 skb, struct peek *p)
     u64 dev = rd64(skb + OFF_SKB_DEV);
     p->netns = dev ? netns_of_net(rd64(dev + OFF_NET_DEVICE_ND_NET)) : 0;
     u64 ct = rd64(skb + OFF_SKB_NFCT) & ~7ULL;
-    p->nat = ct && (rd32(ct + OFF_NF_CONN_STATUS) & (IPS_SRC_NAT | IPS_DST_NAT));
+    p->ct_status = ct ? rd32(ct + OFF_NF_CONN_STATUS) : 0;
+    p->nat = !!(p->ct_status & (IPS_SRC_NAT | IPS_DST_NAT));
 }
 
 // A RST this host sends: for the segment skb (sk: the socket that had it, NULL for none), or
@@ -451,23 +453,16 @@ static __always_inline int report_drop(u64 skb, u64 location, u32 reason, u16 pr
 {
     if (!skb_is_tcp(skb))
         return 0;
-    if (filter == DROP_UNCONFIRMED_NAT_SYN) {
-        struct peek p = {};
+    struct peek p = {};
+    if (filter != DROP_ROOT_CAUSE)
         peek_segment(skb, &p);
-        u64 ct = rd64(skb + OFF_SKB_NFCT) & ~7ULL;
-        u32 status = ct ? rd32(ct + OFF_NF_CONN_STATUS) : 0;
-        if ((p.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN || !(status & IPS_SRC_NAT) ||
-            (status & IPS_CONFIRMED))
-            return 0;
-    }
-    struct rst_event *e;
-    if (filter == DROP_ORDINARY) {
-        struct peek p = {};
-        peek_segment(skb, &p);
-        e = ordinary_reserve(KIND_SKB_DROPPED, probe, p.netns, CLASS_LISTEN_OVERFLOW, p.dport);
-    } else {
-        e = event_reserve(KIND_SKB_DROPPED, probe);
-    }
+    if (filter == DROP_UNCONFIRMED_NAT_SYN &&
+        ((p.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN || !(p.ct_status & IPS_SRC_NAT) ||
+         (p.ct_status & IPS_CONFIRMED)))
+        return 0;
+    struct rst_event *e = filter == DROP_ORDINARY
+        ? ordinary_reserve(KIND_SKB_DROPPED, probe, p.netns, CLASS_LISTEN_OVERFLOW, p.dport)
+        : event_reserve(KIND_SKB_DROPPED, probe);
     if (!e)
         return 0;
     e->reason = reason;

@@ -294,7 +294,7 @@ def snat_clash_containers(lab: DockerLab, port: int = 20000, lead: float = 3.0) 
         "insert_failed": after.get("insert_failed", 0) - before.get("insert_failed", 0),
         "retransmitted": [{"inside": tup(r["src"], r["sport"], SRV_ADDR, SERVER_PORT), "container": by_addr[r["src"]],
                            "latency": r["latency"], "ok": r["ok"], "retrans": r["retrans"]}
-                          for d in done for r in d["slow"] if r["retrans"] or not r["ok"]],
+                          for d in done for r in d["resent"]],
         "connected": sum(d["ok"] for d in done),
         "netns": dict(netns_facts(lab), containers={name: lab.netns_inode(name) for name in lab.containers}),
         "duration": time.monotonic() - t_start,

@@ -436,9 +436,9 @@ def snat_race(lab: NatLab, random_fully=None, sport: int = 20000) -> Outcome:
     entries = lab.conntrack()
     by_port = {e["reply"].get("dport"): e for e in entries if e["reply"].get("dst") == NAT_OUT_ADDR}
     retransmitted = []
-    # slow connects whose SYN went again (the first to be held waits for the other to come,
-    # which under load can take long enough to count as slow)
-    for r in (r for r in done["slow"] if r["retrans"] or not r["ok"]):
+    # connects whose SYN went again (the first to be held waits for the other to come, which
+    # under load can take long enough to count as slow without losing anything)
+    for r in done["resent"]:
         entry = find_entry(lab, r["src"], r["sport"], SERVER_PORT, entries)
         holder = by_port.get(r["sport"]) if not rf else None  # who got the port it asked for
         retransmitted.append({

@@ -560,9 +560,11 @@ def race(args) -> None:
             exitcodes=[p.exitcode for p in ps])
         sys.exit(1)
     lat = [r["latency"] for r in results if r["ok"]]
-    slow = [r for r in results if not r["ok"] or r["latency"] >= args.slow]
+    slow = sorted((r for r in results if not r["ok"] or r["latency"] >= args.slow),
+                  key=lambda r: (r["round"], r["src"]))
+    # `resent`: the connects whose SYN went again or that failed (a lost race's signature)
     say(event="done", connects=len(results), ok=len(lat), failed=sum(not r["ok"] for r in results),
-        slow=sorted(slow, key=lambda r: (r["round"], r["src"])),
+        slow=slow, resent=[r for r in slow if r["retrans"] or not r["ok"]],
         max_latency=max(lat) if lat else None, median_latency=sorted(lat)[len(lat) // 2] if lat else None)
 
 
