@@ -85,3 +85,22 @@ def test_replayed_resets_name_their_sockets_process_in_lines_and_counts(fixtures
         summary.add(v)
     by = summary.to_dict()["by_workload"]
     assert by["process lab-client"] == by["process lab-server"] == {"app_abort": 1, "peer_reset": 1}
+
+
+def test_ipv6_and_ipv4_mapped_sockets_are_found_by_the_addresses_their_packets_carry():
+    listener = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    port = listener.getsockname()[1]
+    v6 = socket.create_connection(("::1", port))
+    v6_accepted, _ = listener.accept()
+    v4 = socket.create_connection(("127.0.0.1", port))
+    v4_accepted, _ = listener.accept()      # an IPv6 socket whose peer is IPv4: ::ffff:127.0.0.1
+    try:
+        snapshot = SocketSnapshot()
+        own = os.stat("/proc/self/ns/net").st_ino
+        snapshot.take({own: None})
+        assert snapshot.owner(own, ("::1", port), v6.getsockname()[:2])["how"] == "open_at_start"
+        assert snapshot.owner(own, ("127.0.0.1", port), v4.getsockname())["how"] == "open_at_start"
+        assert v4_accepted.getpeername()[0] == "::ffff:127.0.0.1"
+    finally:
+        for s in (v6, v6_accepted, v4, v4_accepted, listener):
+            s.close()
