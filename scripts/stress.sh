@@ -31,5 +31,5 @@ start=$(date +%s)
 status=0
 RST_TRACER_STRESS_RUNS=$runs "$VENV/bin/python" -m pytest -p no:cacheprovider -q -ra -m "flush or race or storm" tests/integration "$@" \
   || status=$?
-echo "[stress] $runs runs of each flush/expiry/race test, $(( $(date +%s) - start )) s, pytest exit $status" >&2
+echo "[stress] $runs runs of each flush/expiry/race/storm test, $(( $(date +%s) - start )) s, pytest exit $status" >&2
 exit "$status"
