@@ -845,6 +845,7 @@ def main(argv=None) -> None:
     q.add_argument("--loser-queue", type=int, required=True)
     q.add_argument("--wait", type=float, default=10.0)
     args = p.parse_args(argv)
+    name_process(f"lab-{args.cmd}".encode())   # what the tracer shows for its sockets (peer: its role)
     {"server": serve, "client": client, "connect-many": connect_many, "inject": inject, "peer": peer,
      "sniff": sniff, "sink": sink, "hold": hold, "nat-clash": nat_clash, "race": race, "udp-responder": udp_responder,
      "udp-churn": udp_churn}[args.cmd](args)
