@@ -306,6 +306,19 @@ struct listener {
 BPF_TABLE("lru_hash", u64, struct owner, sock_owners, OWNER_ENTRIES);
 BPF_TABLE("lru_hash", struct listen_key, struct listener, listeners, LISTENER_ENTRIES);
 
+static __always_inline struct listen_key listen_key_of(u64 sk)
+{
+    struct listen_key key = {.netns = netns_of_sock(sk), .port = rd16(sk + OFF_SOCK_SKC_NUM)};
+    return key;
+}
+
+// the entry of the listener on sk's port if it is sk's own (a listener's close, a listener's RST)
+static __always_inline struct listener *own_listener(u64 sk, struct listen_key *key)
+{
+    struct listener *l = listeners.lookup(key);
+    return l && l->sk == sk ? l : 0;
+}
+
 static __always_inline void current_owner(struct owner *o, u8 how)
 {
     o->pid = bpf_get_current_pid_tgid() >> 32;
@@ -327,7 +340,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
     }
     if (new != TCP_STATE_LISTEN && old != TCP_STATE_LISTEN)
         return 0;
-    struct listen_key key = {.netns = netns_of_sock(sk), .port = rd16(sk + OFF_SOCK_SKC_NUM)};
+    struct listen_key key = listen_key_of(sk);
     if (new == TCP_STATE_LISTEN) {
         struct listener l = {.sk = sk};
         current_owner(&l.owner, OWNER_LISTEN);
@@ -338,10 +351,8 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
             sock_owners.update(&sk, &l->owner);
         else
             sock_owners.delete(&sk);
-    } else if (new == TCP_STATE_CLOSE) {
-        struct listener *l = listeners.lookup(&key);
-        if (l && l->sk == sk)
-            listeners.delete(&key);
+    } else if (new == TCP_STATE_CLOSE && own_listener(sk, &key)) {
+        listeners.delete(&key);
     }
     return 0;
 }
@@ -350,9 +361,9 @@ static __always_inline void fill_owner(struct rst_event *e, u64 sk)
 {
     struct owner *o = sock_owners.lookup(&sk);
     if (!o && e->sk_state == TCP_STATE_LISTEN) {
-        struct listen_key key = {.netns = netns_of_sock(sk), .port = rd16(sk + OFF_SOCK_SKC_NUM)};
-        struct listener *l = listeners.lookup(&key);
-        if (l && l->sk == sk)
+        struct listen_key key = listen_key_of(sk);
+        struct listener *l = own_listener(sk, &key);
+        if (l)
             o = &l->owner;
     }
     if (!o)
